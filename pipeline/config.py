@@ -1,0 +1,44 @@
+"""The one configuration object that flows from the CLI, the Ray Job and ``pipeline.run``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.decode import DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything a run needs. Defaults suit a laptop; see ``batch-infer run --help``."""
+
+    input: str
+    output: str
+    model: str | None = None  # checkpoint path for the model factory; None: its default weights
+    model_fn: str | None = None  # "package.module:function"; None: the bundled digits CNN
+    batch_size: int = 32
+    actors: int | None = None  # None: one per GPU (GPU runs) or one per node (CPU runs)
+    gpus_per_actor: float = 0.0
+    top_k: int = 5
+    address: str | None = None  # Ray address; None: the caller's ray.init() or a local Ray
+    overwrite: bool = False
+    resume: bool = False
+    rows_per_file: int = 10_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool | None = None  # None: progress bars when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.actors is not None and self.actors < 1:
+            problems.append(f"actors must be at least 1, got {self.actors}")
+        if self.gpus_per_actor < 0:
+            problems.append(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        if self.top_k < 1:
+            problems.append(f"top_k must be at least 1, got {self.top_k}")
+        if self.rows_per_file < 1:
+            problems.append(f"rows_per_file must be at least 1, got {self.rows_per_file}")
+        if self.overwrite and self.resume:
+            problems.append("overwrite and resume cannot both be set")
+        if problems:
+            raise ValueError("; ".join(problems) + ".")

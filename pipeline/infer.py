@@ -1,0 +1,159 @@
+"""Infer stage: a compiled, fixed-shape batch runner and the Ray Data actor that holds one.
+
+Each actor loads the model and compiles it ahead of time at start-up for exactly
+(batch_size, H, W, C) uint8; a short batch is padded to that shape and the padding dropped
+after, so no batch ever recompiles (calling the AOT executable with another shape raises).
+One host->device transfer in, one fused program, one device->host transfer out per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from pipeline.decode import error_text
+from pipeline.model import Model, load_model
+
+log = logging.getLogger(__name__)
+
+
+class BatchRunner:
+    """Runs ``model.forward`` on up to ``batch_size`` images with one compiled program."""
+
+    def __init__(self, model: Model, batch_size: int):
+        import jax
+        import jax.numpy as jnp
+
+        self.model = model
+        self.batch_size = batch_size
+        self.device = jax.devices()[0]
+        self.params = jax.device_put(model.params, self.device)  # once, not per batch
+        x_spec = jax.ShapeDtypeStruct((batch_size, *model.spec.shape), jnp.uint8)
+        start = time.perf_counter()
+        try:
+            self.compiled = jax.jit(model.forward).lower(self.params, x_spec).compile()
+        except Exception as e:
+            raise RuntimeError(
+                f"Model '{model.name}' does not compile for input {x_spec.shape} uint8: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        self.compile_seconds = time.perf_counter() - start
+        self.compilations = 1
+        self.seconds = {"transfer_in": 0.0, "compute": 0.0, "transfer_out": 0.0}
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """(n, H, W, C) uint8 with n <= batch_size -> (n, D) float32."""
+        import jax
+
+        n = len(images)
+        if n > self.batch_size:
+            raise ValueError(f"batch of {n} is larger than the compiled batch size {self.batch_size}")
+        if n < self.batch_size:
+            padded = np.zeros((self.batch_size, *images.shape[1:]), np.uint8)  # (B, H, W, C)
+            padded[:n] = images
+            images = padded
+        t0 = time.perf_counter()
+        x = jax.device_put(np.ascontiguousarray(images), self.device).block_until_ready()
+        t1 = time.perf_counter()
+        y = self.compiled(self.params, x).block_until_ready()
+        t2 = time.perf_counter()
+        out = np.asarray(y)[:n]  # (n, D) float32: the one device->host copy
+        t3 = time.perf_counter()
+        self.seconds["transfer_in"] += t1 - t0
+        self.seconds["compute"] += t2 - t1
+        self.seconds["transfer_out"] += t3 - t2
+        return out
+
+    def run_isolating(self, images: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+        """Like :meth:`run`, but a failing batch is bisected until the bad rows are found.
+
+        Returns outputs (rows of failed images are zero) and a per-row error (None when ok).
+        Halves are padded to the same compiled shape, so bisection never recompiles.
+        """
+        n = len(images)
+        out = np.zeros((n, self.model.spec.output_dim), np.float32)
+        errors: list[str | None] = [None] * n
+        pending = [(0, n)]
+        while pending:
+            lo, hi = pending.pop()
+            try:
+                result = self.run(images[lo:hi])
+            except Exception as e:  # a failing batch is bisected, a failing image is an error row
+                if hi - lo == 1:
+                    errors[lo] = f"model failed on this image: {error_text(e)}"
+                else:
+                    mid = (lo + hi) // 2
+                    pending += [(mid, hi), (lo, mid)]
+                continue
+            out[lo:hi] = result
+            for i in np.flatnonzero(~np.isfinite(result).all(axis=1)):
+                errors[lo + i] = "model output is NaN or Inf for this image"
+        return out, errors
+
+
+class Predictor:
+    """Ray Data callable class: decoded batch in, prediction columns out."""
+
+    def __init__(self, model_path: str | None, model_fn: str | None, batch_size: int, top_k: int):
+        start = time.perf_counter()
+        self.model = load_model(model_path, model_fn)
+        self.runner = BatchRunner(self.model, batch_size)
+        self.top_k = min(top_k, self.model.spec.output_dim)
+        log.info(
+            "Predictor pid %d: model %s on %s, compiled in %.2fs (ready in %.2fs)",
+            os.getpid(), self.model.fingerprint, self.runner.device,
+            self.runner.compile_seconds, time.perf_counter() - start,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        images = batch["image"]  # (B, H, W, C) uint8
+        errors = list(batch["error"])
+        ok = np.array([e is None for e in errors], dtype=bool)
+        before = dict(self.runner.seconds)
+        outputs = np.zeros((len(images), self.model.spec.output_dim), np.float32)  # (B, D)
+        if ok.any():
+            idx = np.flatnonzero(ok)
+            outputs[idx], model_errors = self.runner.run_isolating(images[idx])
+            for i, err in zip(idx, model_errors):
+                if err is not None:
+                    errors[i] = err
+        result = result_columns(self.model, outputs, errors, self.top_k)
+        result["path"] = batch["path"]
+        result["_t_decode"] = batch["_t_decode"]
+        for stage, total in self.runner.seconds.items():  # spread batch time over its rows
+            result[f"_t_{stage}"] = np.full(len(images), (total - before[stage]) / len(images))
+        return result
+
+
+def result_columns(
+    model: Model, outputs: np.ndarray, errors: list[str | None], top_k: int
+) -> dict[str, Any]:
+    """Model outputs (B, D) and per-row errors -> the output columns (values on error rows are
+    placeholders; the writer stores nulls there)."""
+    spec = model.spec
+    n = len(errors)
+    ok = np.array([e is None for e in errors], dtype=bool)
+    cols: dict[str, Any] = {
+        "status": np.where(ok, "ok", "error").astype(object),
+        "error": np.asarray(errors, dtype=object),
+        "model": np.full(n, model.fingerprint, dtype=object),
+    }
+    if spec.output == "embedding":
+        cols["embedding"] = outputs  # (B, D) float32
+        return cols
+    k = min(top_k, spec.output_dim)
+    order = np.argsort(-outputs, axis=1, kind="stable")[:, :k]  # (B, k)
+    scores = np.take_along_axis(outputs, order, axis=1)  # (B, k) float32
+    names = np.asarray(spec.class_names, dtype=object)
+    cols.update(
+        label=order[:, 0].astype(np.int32),
+        label_name=names[order[:, 0]],
+        score=scores[:, 0].astype(np.float32),
+        topk_labels=order.astype(np.int32),
+        topk_scores=scores.astype(np.float32),
+    )
+    return cols

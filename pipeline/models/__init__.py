@@ -1,0 +1,1 @@
+"""Bundled models; each subpackage is a model factory module."""

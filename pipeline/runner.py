@@ -1,0 +1,270 @@
+"""``pipeline.run``: list -> decode (Ray tasks) -> infer (Ray actor pool) -> write (driver).
+
+Everything is checked before any image is read: the model loads and traces for its input
+shape, the input lists to at least one image, the output directory is usable as asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import RunConfig
+from pipeline.decode import decode_rows
+from pipeline.infer import Predictor, result_columns
+from pipeline.model import Model, ModelError, load_model
+from pipeline.read import Listing, list_images, load_bytes
+from pipeline.write import MANIFEST, SUMMARY, OutputDir, OutputError, ResultWriter, output_schema
+
+log = logging.getLogger(__name__)
+
+# Rows per decode task. Large enough that Ray's per-task overhead (~1 ms) is small against
+# 512 decodes (~0.3 ms each), small enough that the actors get work within a second and that
+# a block of 224x224 RGB images (~75 MB) still fits comfortably in the object store.
+ROWS_PER_BLOCK = 512
+STAGES = ("decode", "transfer_in", "compute", "transfer_out")
+
+
+@dataclass
+class Summary:
+    """What a run did. ``rows_ok + rows_error`` covers every image input, resumed ones included."""
+
+    output: str
+    model: str
+    rows_ok: int = 0
+    rows_error: int = 0
+    rows_resumed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    first_result_seconds: float | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_ms_per_image: dict[str, float] = field(default_factory=dict)
+    completed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run(input: str, output: str, **options: Any) -> Summary:
+    """Predict every image under ``input`` and write one Parquet row per image to ``output``.
+
+    Options are the fields of :class:`pipeline.config.RunConfig`. Uses the caller's
+    ``ray.init()`` if there is one, else ``address`` or a new local Ray.
+    """
+    return run_config(RunConfig(input=str(input), output=str(output), **options))
+
+
+def run_config(cfg: RunConfig) -> Summary:
+    start = time.perf_counter()
+    model = load_model(cfg.model, cfg.model_fn)
+    check_traces(model, cfg.batch_size)
+    listing = list_images(cfg.input)
+    out = OutputDir(cfg.output)
+    done = prepare_output(out, cfg, listing, model)
+    todo = [p for p in listing.paths if p not in done]
+    log.info(
+        "%d images to predict (%d already done), model %s", len(todo), len(done), model.fingerprint
+    )
+    writer = ResultWriter(out, output_schema(model.spec), cfg.rows_per_file, set(done))
+    summary = Summary(
+        output=cfg.output, model=model.fingerprint, rows_resumed=len(done), skipped=listing.skipped
+    )
+    stage_totals = dict.fromkeys(STAGES, 0.0)
+    if todo:
+        for batch in _execute(cfg, todo, model.spec):
+            if summary.first_result_seconds is None:
+                summary.first_result_seconds = time.perf_counter() - start
+            for stage in STAGES:
+                stage_totals[stage] += float(np.sum(batch.pop(f"_t_{stage}")))
+            writer.add(batch)
+    missing = [p for p in todo if p not in writer.written]
+    if missing:  # never expected; if Ray ever loses rows, they still get their row, flagged
+        log.error("%d inputs came back with no result; writing them as error rows", len(missing))
+        writer.add(_error_batch(model, missing, "no result came back from the pipeline", cfg.top_k))
+    writer.flush()
+    stage_totals["write"] = writer.seconds
+    summary.rows_ok = writer.counts["ok"] + _count_resumed(out, done, "ok")
+    summary.rows_error = writer.counts["error"] + _count_resumed(out, done, "error")
+    summary.seconds = time.perf_counter() - start
+    summary.images_per_second = len(todo) / summary.seconds if summary.seconds else 0.0
+    summary.stage_seconds = {k: round(v, 4) for k, v in stage_totals.items()}
+    summary.stage_ms_per_image = {
+        k: round(1000 * v / max(len(todo), 1), 4) for k, v in stage_totals.items()
+    }
+    summary.completed = True
+    out.write_json(SUMMARY, summary.to_json())
+    return summary
+
+
+def check_traces(model: Model, batch_size: int) -> None:
+    """Trace ``model.forward`` for the declared input (no data, no compile); fail clearly."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.ShapeDtypeStruct((batch_size, *model.spec.shape), jnp.uint8)
+    try:
+        out = jax.eval_shape(model.forward, model.params, x)
+    except Exception as e:
+        raise ModelError(
+            f"Model '{model.name}' fails for its declared input {x.shape} uint8: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    expected = (batch_size, model.spec.output_dim)
+    if tuple(out.shape) != expected:
+        raise ModelError(
+            f"Model '{model.name}' returns shape {tuple(out.shape)} for a batch of {batch_size}, "
+            f"expected {expected} from its spec ({model.spec.output}, {model.spec.output_dim})."
+        )
+
+
+def prepare_output(out: OutputDir, cfg: RunConfig, listing: Listing, model: Model) -> set[str]:
+    """Make ``out`` ready for this run; return the input paths already committed there."""
+    manifest = {
+        "input": cfg.input,
+        "inputs": len(listing.paths),
+        "listing_sha256": _listing_digest(listing.paths),
+        "model": model.fingerprint,
+        "model_name": model.name,
+        "top_k": cfg.top_k,
+    }
+    if out.has_results():
+        if cfg.overwrite:
+            out.clear()
+        elif not cfg.resume:
+            raise OutputError(
+                f"Output '{cfg.output}' already holds results; pass --overwrite to replace "
+                "them or --resume to finish an interrupted run."
+            )
+    if cfg.resume:
+        before = out.read_json(MANIFEST)
+        if before is not None:
+            _check_resumable(cfg.output, before, manifest)
+            return out.committed_paths() & set(listing.paths)
+    out.write_json(MANIFEST, manifest)
+    return set()
+
+
+def _check_resumable(output: str, before: dict, now: dict) -> None:
+    if before.get("model") != now["model"]:
+        raise OutputError(
+            f"Cannot resume into '{output}': its rows were made by model {before.get('model')}, "
+            f"this run uses {now['model']}. Use --overwrite to start again."
+        )
+    if before.get("listing_sha256") != now["listing_sha256"]:
+        raise OutputError(
+            f"Cannot resume into '{output}': the input listing changed since that run "
+            f"({before.get('inputs')} images then, {now['inputs']} now). Use --overwrite."
+        )
+    if before.get("top_k") != now["top_k"]:
+        raise OutputError(
+            f"Cannot resume into '{output}': it was written with top_k={before.get('top_k')}, "
+            f"this run asks for {now['top_k']}."
+        )
+
+
+def _listing_digest(paths: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
+
+
+def _count_resumed(out: OutputDir, done: set[str], status: str) -> int:
+    if not done:
+        return 0
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    total = 0
+    for part in out.parts():
+        table = pq.read_table(part, columns=["path", "status"], filesystem=out.fs)
+        mask = pc.and_(pc.equal(table["status"], status), pc.is_in(table["path"], _pa_set(done)))
+        total += pc.sum(mask.cast("int64")).as_py() or 0
+    return total
+
+
+def _pa_set(paths: set[str]):
+    import pyarrow as pa
+
+    return pa.array(sorted(paths), type=pa.string())
+
+
+def _error_batch(model: Model, paths: list[str], message: str, top_k: int) -> dict[str, Any]:
+    outputs = np.zeros((len(paths), model.spec.output_dim), np.float32)
+    batch = result_columns(model, outputs, [message] * len(paths), top_k)
+    batch["path"] = np.asarray(paths, dtype=object)
+    return batch
+
+
+def _execute(cfg: RunConfig, paths: list[str], spec):
+    """Yield result batches (numpy dicts) from the Ray Data pipeline over ``paths``."""
+    import pyarrow as pa
+    import ray
+
+    _ensure_ray(cfg.address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    table = pa.table({"path": pa.array(paths, type=pa.string())})
+    blocks = [table.slice(i, ROWS_PER_BLOCK) for i in range(0, len(paths), ROWS_PER_BLOCK)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        _decode_batch,
+        batch_size=None,
+        batch_format="numpy",
+        fn_kwargs={"spec": spec, "max_pixels": cfg.max_pixels},
+    )
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "model_path": cfg.model, "model_fn": cfg.model_fn,
+            "batch_size": cfg.batch_size, "top_k": cfg.top_k,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actor_count(cfg)),
+        **_actor_resources(cfg),
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _decode_batch(batch: dict[str, np.ndarray], spec, max_pixels: int) -> dict[str, np.ndarray]:
+    return decode_rows(list(batch["path"]), load_bytes, spec, max_pixels)
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+
+
+def _actor_count(cfg: RunConfig) -> int:
+    if cfg.actors:
+        return cfg.actors
+    import ray
+
+    if cfg.gpus_per_actor > 0:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        return max(1, int(gpus / cfg.gpus_per_actor))
+    # XLA:CPU already uses every core of its machine; two CPU actors on one node only fight.
+    return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+
+
+def _actor_resources(cfg: RunConfig) -> dict[str, Any]:
+    if cfg.gpus_per_actor > 0:
+        env = {}
+        if cfg.gpus_per_actor < 1:  # several actors share a GPU: no 75% grab per process
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        return {"num_gpus": cfg.gpus_per_actor, "runtime_env": {"env_vars": env}}
+    # Pass no num_gpus at all on CPU: some Ray versions treat num_gpus=0 as a GPU request.
+    return {"num_cpus": 1, "runtime_env": {"env_vars": {"JAX_PLATFORMS": "cpu"}}}
