@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pipeline.decode import DEFAULT_MAX_PIXELS
 
 
+class ConfigError(ValueError):
+    """An option value is out of range; the message names it."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Everything a run needs. Defaults suit a laptop; see ``batch-infer run --help``."""
@@ -41,4 +45,4 @@ class RunConfig:
         if self.overwrite and self.resume:
             problems.append("overwrite and resume cannot both be set")
         if problems:
-            raise ValueError("; ".join(problems) + ".")
+            raise ConfigError("; ".join(problems) + ".")

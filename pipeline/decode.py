@@ -95,11 +95,12 @@ def decode_rows(
     """Load and decode each path with ``loader(path) -> bytes``; failures become error rows.
 
     Returns columns ``path``, ``image`` (N, H, W, C) uint8 (zeros on error rows), ``error``
-    (None when ok) and ``_t_decode`` (seconds spent on each row).
+    ("" when ok: Ray Data turns an all-None column into float NaN) and ``_t_decode``
+    (seconds spent on each row).
     """
     n = len(paths)
     images = np.zeros((n, *spec.shape), np.uint8)  # (N, H, W, C) uint8
-    errors: list[str | None] = [None] * n
+    errors = [""] * n
     seconds = np.zeros(n, np.float64)
     for i, path in enumerate(paths):
         start = time.perf_counter()

@@ -111,7 +111,7 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         images = batch["image"]  # (B, H, W, C) uint8
-        errors = list(batch["error"])
+        errors = [e or None for e in batch["error"]]  # "" on the wire means ok
         ok = np.array([e is None for e in errors], dtype=bool)
         before = dict(self.runner.seconds)
         outputs = np.zeros((len(images), self.model.spec.output_dim), np.float32)  # (B, D)

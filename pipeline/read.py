@@ -46,17 +46,13 @@ def is_image_name(name: str) -> bool:
 
 def list_images(src: str) -> Listing:
     """List image files under ``src``; files with other extensions are skipped and counted."""
-    if is_uri(src):
-        found = _list_uri(src)
-    else:
-        found = _list_local(src.removeprefix("file://"))
+    found, single_file = _list_uri(src) if is_uri(src) else _list_local(src.removeprefix("file://"))
+    if single_file:  # a file named explicitly is taken whatever its extension
+        return Listing(found)
     images = sorted({p for p in found if is_image_name(p)})
     skipped = {}
     if len(found) != len(images):
         skipped["not an image extension"] = len(found) - len(images)
-    if len(found) == 1 and not images and not _has_glob(src):
-        images = list(found)  # a single file named explicitly is taken whatever its extension
-        skipped = {}
     if not images:
         what = f"{len(found)} files, none with an image extension" if found else "no files"
         raise InputError(f"Input '{src}' holds no images ({what}).")
@@ -67,17 +63,17 @@ def _has_glob(src: str) -> bool:
     return any(c in src for c in _GLOB_CHARS)
 
 
-def _list_local(src: str) -> list[str]:
+def _list_local(src: str) -> tuple[list[str], bool]:
     if _has_glob(src):
-        return [p for p in glob.glob(src, recursive=True) if not os.path.isdir(p)]
+        return [p for p in glob.glob(src, recursive=True) if not os.path.isdir(p)], False
     if os.path.isdir(src):
         out = []
         for root, dirs, files in os.walk(src, onerror=_warn_unlistable, followlinks=True):
             dirs.sort()
             out.extend(os.path.join(root, f) for f in files)
-        return out
+        return out, False
     if os.path.lexists(src):
-        return [src]
+        return [src], True
     raise InputError(f"Input '{src}' does not exist.")
 
 
@@ -85,7 +81,7 @@ def _warn_unlistable(err: OSError) -> None:
     log.warning("Cannot list directory '%s': %s", err.filename, err.strerror)
 
 
-def _list_uri(src: str) -> list[str]:
+def _list_uri(src: str) -> tuple[list[str], bool]:
     scheme = src.split("://", 1)[0]
     pattern = src if _has_glob(src) else None
     base = src
@@ -98,20 +94,14 @@ def _list_uri(src: str) -> list[str]:
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"Input '{src}' does not exist.")
         if info.type == pafs.FileType.File:
-            return [base]
+            return [base], True
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as e:
         raise InputError(f"Cannot list input '{src}': {e}") from e
     paths = [f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File]
     if pattern:
         paths = [p for p in paths if fnmatch.fnmatchcase(p, pattern)]
-    return paths
-
-
-@lru_cache(maxsize=16)
-def _filesystem_for(scheme_and_authority: str) -> pafs.FileSystem:
-    fs, _ = pafs.FileSystem.from_uri(scheme_and_authority + "/")
-    return fs
+    return paths, False
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

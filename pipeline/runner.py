@@ -241,11 +241,17 @@ def _decode_batch(batch: dict[str, np.ndarray], spec, max_pixels: int) -> dict[s
 
 
 def _ensure_ray(address: str | None) -> None:
+    import os
+
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # A Ray we start for one local run serves only this machine: keep it on loopback.
+        ray.init(_node_ip_address="127.0.0.1", logging_level=logging.WARNING)
 
 
 def _actor_count(cfg: RunConfig) -> int:

@@ -48,19 +48,22 @@ def make_dataset(x: np.ndarray, y: np.ndarray, copies: int, seed: int, spec) -> 
     images = np.zeros((len(x) * copies, *spec.shape), np.uint8)  # (N, H, W, C)
     labels = np.repeat(y, copies)
     for i in range(len(images)):
-        img = augment(x[i // copies], rng, plain=i % copies < copies // 3)
+        img = augment(x[i // copies], rng, plain=i % copies < copies // 2)
         fmt = "JPEG" if rng.random() < 0.5 else "PNG"
         data = digits.encode(img, fmt, quality=int(rng.integers(40, 96)))
         images[i] = decode_image(data, spec)
     return images, labels
 
 
-def train(output: str | Path, seconds: float = 60.0, copies: int = 10, seed: int = 0) -> dict:
+def train(
+    output: str | Path, seconds: float = 60.0, copies: int = 16, seed: int = 0,
+    config: digits_cnn.CNNConfig | None = None,
+) -> dict:
     """Train for about ``seconds`` and save the checkpoint to ``output``; returns metrics."""
     import jax
     import jax.numpy as jnp
 
-    config = digits_cnn.CNNConfig()
+    config = config or digits_cnn.CNNConfig()
     spec = _spec(config)
     (x_train, y_train), (x_test, y_test) = digits.load_split()
     t0 = time.perf_counter()

@@ -78,7 +78,9 @@ def to_table(batch: dict[str, Any], schema: pa.Schema) -> pa.Table:
             else:
                 offsets = pa.array(np.arange(0, len(matrix) * k + 1, k, dtype=np.int32))
                 arr = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(null))
-        elif f.name in ("path", "status", "error", "model"):
+        elif f.name == "error":
+            arr = pa.array([e if bad else None for e, bad in zip(values, null)], type=f.type)
+        elif f.name in ("path", "status", "model"):
             arr = pa.array(list(values), type=f.type)
         else:
             arr = pa.array(np.asarray(values), type=f.type, mask=null)
@@ -199,16 +201,21 @@ class ResultWriter:
         self.counts["error"] += int((statuses != "ok").sum())
         self.buffer.append(table)
         self.buffered += table.num_rows
-        if (self.buffered >= self.rows_per_file
-                or time.monotonic() - self.last_flush > self.flush_seconds):
+        while self.buffered >= self.rows_per_file:
+            self._commit(self.rows_per_file)
+        if time.monotonic() - self.last_flush > self.flush_seconds:
             self.flush()
         self.seconds += time.perf_counter() - start
 
     def flush(self) -> None:
-        if not self.buffered:
-            return
+        """Commit everything buffered."""
+        if self.buffered:
+            self._commit(self.buffered)
+
+    def _commit(self, rows: int) -> None:
         table = pa.concat_tables(self.buffer)
-        self.out.commit_table(f"{PART_PREFIX}{self.seq:05d}-{self.run_id}.parquet", table)
+        self.out.commit_table(f"{PART_PREFIX}{self.seq:05d}-{self.run_id}.parquet", table.slice(0, rows))
         self.seq += 1
-        self.buffer, self.buffered = [], 0
+        rest = table.slice(rows)
+        self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
         self.last_flush = time.monotonic()

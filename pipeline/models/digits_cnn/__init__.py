@@ -30,8 +30,8 @@ class CNNConfig:
     height: int = 32
     width: int = 32
     channels: int = 1
-    conv1_features: int = 16
-    conv2_features: int = 32
+    conv1_features: int = 32
+    conv2_features: int = 64
     kernel: int = 3
     # Stride 2 in both convs shrinks 32x32 to 8x8 before the Dense layer: 20k params instead
     # of 330k, with no pooling op between the fused conv+bias+relu kernels.
@@ -78,7 +78,7 @@ def make_apply(config: CNNConfig):
         for layer in ("conv1", "conv2"):
             x = lax.conv_general_dilated(x, params[f"{layer}/w"], stride, "SAME", dimension_numbers=dims)
             x = jax.nn.relu(x + params[f"{layer}/b"])  # XLA fuses bias+relu (into the conv on GPU)
-        x = x.reshape(x.shape[0], -1)  # (B, 8*8*32)
+        x = x.reshape(x.shape[0], -1)  # (B, 8*8*64)
         return x @ params["dense/w"] + params["dense/b"]  # (B, num_classes)
 
     return apply

@@ -1,0 +1,85 @@
+"""batch-infer: exit codes and one-line messages for bad invocations; a real run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input", "{tmp}/missing", "--output", "{tmp}/o"], "does not exist"),
+        (["--input", "{tmp}/empty", "--output", "{tmp}/o"], "holds no images"),
+        (["--input", "{tmp}/textonly", "--output", "{tmp}/o"], "none with an image extension"),
+        (["--input", "{samples}", "--output", "{tmp}/o", "--model", "{tmp}/nomodel"], "No model at"),
+        (["--input", "{samples}", "--output", "{tmp}/o", "--model", "{tmp}/badmodel"], "Unreadable model"),
+        (["--input", "{samples}", "--output", "{tmp}/full"], "already holds results; pass --overwrite"),
+        (["--input", "{samples}", "--output", "{tmp}/o", "--batch-size", "0"], "batch_size must be"),
+        (["--input", "{samples}", "--output", "{tmp}/o", "--model-fn", "nosuch.module:build"],
+         "cannot be imported"),
+    ],
+)
+def test_bad_invocations_exit_2_with_one_line(args, message, tmp_path, sample_dir, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "textonly").mkdir()
+    (tmp_path / "textonly" / "a.txt").write_text("x")
+    (tmp_path / "badmodel").mkdir()
+    (tmp_path / "badmodel" / "model.json").write_text("{not json")
+    (tmp_path / "badmodel" / "weights.npz").write_bytes(b"")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "part-00000-x.parquet").write_bytes(b"")
+    argv = [a.format(tmp=tmp_path, samples=sample_dir) for a in args]
+    code = main(["run", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.startswith("batch-infer: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists(), "a failed invocation must not create output"
+
+
+def test_overwrite_and_resume_are_exclusive(tmp_path, sample_dir):
+    result = run_cli("run", "--input", str(sample_dir), "--output", str(tmp_path / "o"),
+                     "--overwrite", "--resume")
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+
+
+def test_help_explains_every_run_flag():
+    result = run_cli("run", "--help")
+    assert result.returncode == 0
+    for flag in ["--input", "--output", "--model", "--model-fn", "--batch-size", "--actors",
+                 "--gpus-per-actor", "--address", "--overwrite", "--resume", "--top-k"]:
+        assert flag in result.stdout
+
+
+def test_run_with_error_rows_exits_0(ray_local, sample_dir, tmp_path):
+    """A real CLI process joining the test's Ray; a bad image still means success."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in list(sample_dir.rglob("*.png"))[:5]:
+        (src / p.name).write_bytes(p.read_bytes())
+    (src / "zero.png").write_bytes(b"")
+    result = run_cli("run", "--input", str(src), "--output", str(tmp_path / "o"),
+                     "--address", ray_local)
+    assert result.returncode == 0, result.stderr
+    assert "rows: 6 (5 ok, 1 error)" in result.stdout
+    rows = pq.read_table(tmp_path / "o").to_pylist()
+    assert {r["path"].rsplit("/", 1)[1]: r["status"] for r in rows}["zero.png"] == "error"
+
+
+def test_sample_data_layout(tmp_path):
+    assert main(["sample-data", str(tmp_path / "s"), "--count", "12"]) == 0
+    files = sorted((tmp_path / "s").rglob("*.*"))
+    assert len(files) == 12
+    assert all(f.parent.name.isdigit() and f.suffix in (".png", ".jpg") for f in files)

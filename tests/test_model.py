@@ -1,0 +1,143 @@
+"""The model contract: shapes, batching, padding, one compile, checkpoint checks, accuracy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import digit_images
+from pipeline import digits
+from pipeline.decode import decode_image
+from pipeline.infer import BatchRunner, Predictor
+from pipeline.model import ModelError, load_model
+from pipeline.models import digits_cnn
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active."""
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+COMPILES = CompileCounter()
+
+
+def test_param_shapes_and_count(model):
+    config = digits_cnn.CNNConfig(**json.loads((digits_cnn.BUNDLED_DIR / "model.json").read_text())["architecture"])
+    shapes = {k: v.shape for k, v in model.params.items()}
+    assert shapes == config.param_shapes()
+    c1, c2 = config.conv1_features, config.conv2_features
+    expected = 9 * c1 + c1 + 9 * c1 * c2 + c2 + 8 * 8 * c2 * 10 + 10
+    assert sum(v.size for v in model.params.values()) == expected
+    assert model.spec.shape == (32, 32, 1)
+    assert model.spec.class_names == tuple(str(i) for i in range(10))
+
+
+def test_predict_shapes_and_probabilities(model):
+    images, _ = digit_images(10)
+    probs = model.predict(images)
+    assert probs.shape == (10, 10) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_batched_equals_one_at_a_time(model):
+    images, _ = digit_images(40)
+    batched = model.predict(images, batch_size=32)
+    single = np.concatenate([model.predict(images[i : i + 1], batch_size=1) for i in range(40)])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_padding_changes_no_real_row(model):
+    images, _ = digit_images(7)
+    runner = BatchRunner(model, 32)
+    short = runner.run(images)  # padded with 25 zero images
+    noisy = np.concatenate([images, np.random.default_rng(0).integers(0, 256, (25, 32, 32, 1), np.uint8)])
+    full = runner.run(noisy)[:7]
+    assert short.shape == (7, 10)
+    np.testing.assert_allclose(short, full, atol=1e-6)
+
+
+def test_one_compilation_per_actor_across_batch_sizes(model):
+    images, _ = digit_images(71)
+    before = COMPILES.count
+    predictor = Predictor(model_path=None, model_fn=None, batch_size=32, top_k=3)
+    after_init = COMPILES.count
+    for lo, hi in [(0, 32), (32, 64), (64, 71)]:
+        batch = {
+            "path": np.array([f"x{i}" for i in range(lo, hi)], dtype=object),
+            "image": images[lo:hi],
+            "error": np.array([None] * (hi - lo), dtype=object),
+            "_t_decode": np.zeros(hi - lo),
+        }
+        out = predictor(batch)
+        assert len(out["label"]) == hi - lo
+        assert out["topk_labels"].shape == (hi - lo, 3)
+    assert after_init - before == 1
+    assert COMPILES.count == after_init, "a batch recompiled the model"
+    with pytest.raises(ValueError):
+        predictor.runner.run(np.zeros((33, 32, 32, 1), np.uint8))
+
+
+def test_heldout_accuracy_at_least_96_percent(model):
+    """The last 297 digits (never trained on), rendered the sample-data ways, via predict."""
+    _, (x, y) = digits.load_split()
+    assert len(x) == 297
+    rng = np.random.default_rng(123)
+    images = []
+    for i, values in enumerate(x):
+        img = digits.render(values, int(rng.integers(16, 129)), ("nearest", "bilinear")[i % 2], rgb=i % 3 == 0)
+        images.append(decode_image(digits.encode(img, ("PNG", "JPEG")[(i // 2) % 2]), model.spec))
+    accuracy = float((model.predict(np.stack(images)).argmax(axis=1) == y).mean())
+    assert accuracy >= 0.96, f"held-out accuracy {accuracy:.3f}"
+
+
+def test_fingerprint_tracks_weights(model, tmp_path):
+    shutil.copytree(digits_cnn.BUNDLED_DIR, tmp_path / "m", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    assert load_model(tmp_path / "m").fingerprint == model.fingerprint
+    config, params, meta = digits_cnn.load(tmp_path / "m")
+    params["dense/b"] = params["dense/b"] + 1.0
+    digits_cnn.save(tmp_path / "changed", config, params, meta["class_names"])
+    assert load_model(tmp_path / "changed").fingerprint != model.fingerprint
+
+
+def test_load_lists_every_mismatch(tmp_path):
+    config = digits_cnn.CNNConfig()
+    params = digits_cnn.init_params(config)
+    params["conv1/w"] = np.zeros((5, 5, 1, 16), np.float32)  # wrong shape
+    del params["dense/b"]  # missing
+    params["extra/w"] = np.zeros(3, np.float32)  # unexpected
+    digits_cnn.save(tmp_path, config, params, [str(i) for i in range(10)])
+    with pytest.raises(ModelError) as err:
+        load_model(tmp_path)
+    message = str(err.value)
+    assert "conv1/w" in message and "dense/b" in message and "extra/w" in message
+
+
+def test_weights_are_not_pickled(tmp_path):
+    config = digits_cnn.CNNConfig()
+    digits_cnn.save(tmp_path, config, digits_cnn.init_params(config), list("0123456789"))
+    with np.load(tmp_path / "weights.npz", allow_pickle=False) as npz:
+        assert all(npz[k].dtype == np.float32 for k in npz.files)
+    (tmp_path / "weights.npz").write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="Unreadable model"):
+        load_model(tmp_path)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="No model at"):
+        load_model(tmp_path / "nope")

@@ -1,0 +1,84 @@
+"""End to end on a local Ray: N images in, N rows out, exact schema, right labels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline
+from conftest import label_of
+from pipeline.write import OutputError
+
+EXPECTED_SCHEMA = pa.schema([
+    pa.field("path", pa.string(), nullable=False), pa.field("status", pa.string(), nullable=False),
+    ("error", pa.string()), ("label", pa.int32()), ("label_name", pa.string()),
+    ("score", pa.float32()), ("topk_labels", pa.list_(pa.int32())),
+    ("topk_scores", pa.list_(pa.float32())), pa.field("model", pa.string(), nullable=False),
+])
+
+
+def test_directory_to_parquet(ray_local, sample_dir, tmp_path):
+    out = tmp_path / "out"
+    summary = pipeline.run(str(sample_dir), str(out), rows_per_file=16)
+    table = pq.read_table(out)
+    assert table.schema.remove_metadata() == EXPECTED_SCHEMA
+    assert table.num_rows == 40 and summary.rows_ok == 40 and summary.rows_error == 0
+    rows = table.to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in sample_dir.rglob("*.*"))
+    correct = sum(r["label_name"] == label_of(r["path"]) for r in rows)
+    assert correct >= 38, f"{correct}/40 right"
+    assert all(r["status"] == "ok" and r["error"] is None for r in rows)
+    assert all(len(r["topk_labels"]) == 5 and r["topk_labels"][0] == r["label"] for r in rows)
+    assert all(r["score"] == r["topk_scores"][0] for r in rows)
+    assert {r["model"] for r in rows} == {pipeline.load_model().fingerprint}
+    assert len(list(out.glob("part-*.parquet"))) == 3  # 40 rows at 16 per file
+    assert not list(out.glob("_tmp-*"))
+    saved = json.loads((out / "_summary.json").read_text())
+    assert saved["completed"] and saved["rows_ok"] == 40
+    assert set(saved["stage_seconds"]) == {"decode", "transfer_in", "compute", "transfer_out", "write"}
+    count = duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall()[0][0]
+    assert count == 40
+
+
+def test_corrupt_file_is_one_error_row(ray_local, sample_dir, tmp_path):
+    src = tmp_path / "in"
+    shutil.copytree(sample_dir, src)
+    (src / "3" / "broken.jpg").write_text("this is not a jpeg")
+    (src / "notes.txt").write_text("skipped by extension")
+    summary = pipeline.run(str(src), str(tmp_path / "out"))
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert len(rows) == 41
+    errors = [r for r in rows if r["status"] == "error"]
+    assert [r["path"] for r in errors] == [str(src / "3" / "broken.jpg")]
+    assert "not a recognised image format" in errors[0]["error"]
+    assert errors[0]["label"] is None and errors[0]["topk_labels"] is None
+    assert summary.rows_error == 1 and summary.rows_ok == 40
+    assert summary.skipped == {"not an image extension": 1}
+
+
+def test_single_file_and_glob_inputs(ray_local, sample_dir, tmp_path):
+    one = next(sample_dir.rglob("*.png"))
+    pipeline.run(str(one), str(tmp_path / "one"))
+    assert pq.read_table(tmp_path / "one").column("path").to_pylist() == [str(one)]
+    pipeline.run(f"{sample_dir}/**/*.jpg", str(tmp_path / "glob"))
+    paths = pq.read_table(tmp_path / "glob").column("path").to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in sample_dir.rglob("*.jpg"))
+
+
+def test_existing_output_needs_overwrite_or_resume(ray_local, sample_dir, tmp_path):
+    out = tmp_path / "out"
+    pipeline.run(str(sample_dir), str(out))
+    with pytest.raises(OutputError, match="--overwrite"):
+        pipeline.run(str(sample_dir), str(out))
+    summary = pipeline.run(str(sample_dir), str(out), resume=True)
+    assert summary.rows_resumed == 40 and summary.rows_ok == 40
+    assert pq.read_table(out).num_rows == 40
+    pipeline.run(str(sample_dir), str(out), overwrite=True, top_k=2)
+    table = pq.read_table(out)
+    assert table.num_rows == 40
+    assert {len(v) for v in table.column("topk_labels").to_pylist()} == {2}
