@@ -9,6 +9,7 @@ pixels the pipeline will feed it.
 from __future__ import annotations
 
 import io
+import struct
 import time
 import warnings
 
@@ -30,6 +31,7 @@ def decode_image(data: bytes, spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIX
     """Bytes of any Pillow-readable image -> (height, width, channels) uint8 for ``spec``."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    img = None
     try:
         with warnings.catch_warnings():
             # We apply our own pixel limit below; Pillow's warning would only be noise.
@@ -56,18 +58,48 @@ def decode_image(data: bytes, spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIX
     except DecodeError:
         raise
     except Image.UnidentifiedImageError as e:
-        raise DecodeError("not a recognised image format") from e
+        raise DecodeError(_why_unidentified(data)) from e
     except Image.DecompressionBombError as e:
         raise DecodeError(f"decompression bomb refused: {e}") from e
+    except _CORRUPT as e:  # the header parsed, the pixel data did not
+        fmt = (img.format if img is not None else None) or next(_claimed_formats(data), "image")
+        raise DecodeError(f"{fmt} data is truncated or corrupt: {type(e).__name__}: {e}") from e
     arr = np.asarray(img, dtype=np.uint8)
     return arr.reshape(spec.height, spec.width, spec.channels)  # (H, W, C) uint8
+
+
+# What Pillow's plugins raise for damaged data (zlib errors, short reads, bad chunk lengths).
+_CORRUPT = (OSError, SyntaxError, EOFError, ValueError, IndexError, struct.error)
+
+
+def _why_unidentified(data: bytes) -> str:
+    """Pillow says only "cannot identify image file"; name the format the bytes claim to be
+    and why its reader refused them (a PNG with a bad checksum, a JPEG cut after its header),
+    or show the first bytes (an HTML error page saved as .jpg)."""
+    for fmt in _claimed_formats(data):
+        try:
+            Image.OPEN[fmt][0](io.BytesIO(data), "").close()
+        except Exception as e:  # we want its message, whatever the reader raises
+            return f"not a readable {fmt} file: {type(e).__name__}: {e}"
+    return f"not a recognised image format (starts with {data[:16]!r})"
+
+
+def _claimed_formats(data: bytes):
+    """Formats whose signature the bytes carry (readers without a signature check are left
+    out: they would claim anything)."""
+    Image.init()
+    return (fmt for fmt, (_, accept) in Image.OPEN.items() if accept and accept(data[:16]) is True)
 
 
 def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     """Any Pillow mode -> 'L' or 'RGB'. Transparency is composited onto white (the background)."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img).astype(np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        top = np.nanmax(arr, initial=0)
+        # 16-bit data spans 0..65535; float images are usually 0..1 (scientific, HDR) or 0..255.
+        peak = 65535.0 if img.mode.startswith("I;16") or top > 255 else 255.0
+        if img.mode == "F" and top <= 1.0:
+            peak = 1.0
         gray = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).round().astype(np.uint8), "L")
         return gray if mode == "L" else gray.convert("RGB")
     if img.mode == "P" and "transparency" in img.info:

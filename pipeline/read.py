@@ -11,6 +11,8 @@ import fnmatch
 import glob
 import logging
 import os
+import stat
+import urllib.parse
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -46,7 +48,11 @@ def is_image_name(name: str) -> bool:
 
 def list_images(src: str) -> Listing:
     """List image files under ``src``; files with other extensions are skipped and counted."""
-    found, single_file = _list_uri(src) if is_uri(src) else _list_local(src.removeprefix("file://"))
+    if is_uri(src):
+        found, single_file = _list_uri(src)
+    else:
+        found, single_file = _list_local(src.removeprefix("file://"))
+        found = [_storable(p) for p in found]
     if single_file:  # a file named explicitly is taken whatever its extension
         return Listing(found)
     images = sorted({p for p in found if is_image_name(p)})
@@ -59,16 +65,48 @@ def list_images(src: str) -> Listing:
     return Listing(images, skipped)
 
 
+def _storable(path: str) -> str:
+    """``path`` as valid UTF-8 for the ``path`` column. A POSIX file name is bytes; one that is
+    not UTF-8 (an old Latin-1 archive) cannot be stored as a string, so it becomes the file's
+    percent-encoded ``file://`` URI (RFC 8089), which :func:`load_bytes` reads back."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:  # os.listdir hands such bytes over as lone surrogates
+        return "file://" + urllib.parse.quote(os.fsencode(os.path.abspath(path)))
+
+
+def _local_path(path: str) -> str:
+    """The file system name of a listed local path (undoes :func:`_storable`)."""
+    if path.startswith("file://"):
+        return os.fsdecode(urllib.parse.unquote_to_bytes(path[len("file://"):]))
+    return path
+
+
 def _has_glob(src: str) -> bool:
     return any(c in src for c in _GLOB_CHARS)
 
 
 def _list_local(src: str) -> tuple[list[str], bool]:
-    if _has_glob(src):
+    if _has_glob(src) and not os.path.lexists(src):  # 'photos[2019]' may be a real name
         return [p for p in glob.glob(src, recursive=True) if not os.path.isdir(p)], False
     if os.path.isdir(src):
         out = []
+        seen: set[tuple[int, int]] = set()
         for root, dirs, files in os.walk(src, onerror=_warn_unlistable, followlinks=True):
+            # Symlinks are followed, so a link to an ancestor would list the same files again
+            # under ever longer paths; each real directory is listed once.
+            try:
+                st = os.stat(root)
+            except OSError as e:
+                _warn_unlistable(e)
+                dirs.clear()
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                log.warning("Not listing '%s' again: a symbolic link leads back to it", root)
+                dirs.clear()
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirs.sort()
             out.extend(os.path.join(root, f) for f in files)
         return out, False
@@ -133,8 +171,33 @@ def _s3() -> pafs.S3FileSystem:
 def load_bytes(path: str) -> bytes:
     """The whole file at ``path`` (local path or URI)."""
     if not is_uri(path):
-        with open(path.removeprefix("file://"), "rb") as f:
-            return f.read()
+        return _load_local(_local_path(path))
     fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+)
+
+
+def _load_local(path: str) -> bytes:
+    """Read a regular file. Anything else that carries an image extension (a FIFO would block
+    the task forever, a link to /dev/zero would never end) is refused with what it is."""
+    try:
+        # O_NONBLOCK: opening a FIFO waits for a writer otherwise; no effect on regular files.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError as e:
+        if os.path.islink(path):
+            raise FileNotFoundError(
+                f"broken symbolic link: '{path}' points to '{os.readlink(path)}', which does not exist"
+            ) from e
+        raise FileNotFoundError(f"'{path}' no longer exists (removed or renamed after listing)") from e
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        for test, kind in _NOT_REGULAR:
+            if test(mode):
+                raise OSError(f"'{path}' is a {kind}, not a regular file; not read")
         return f.read()
