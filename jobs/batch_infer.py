@@ -1,20 +1,32 @@
 """Ray Job entrypoint: the same options as ``batch-infer run``.
 
-    ray job submit --working-dir . -- python jobs/batch_infer.py --input SRC --output DIR
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python jobs/batch_infer.py --input SRC --output DIR
+
+Run from the repository root (the job's working directory): the package does not need to be
+installed on the cluster, Ray ships the working directory to every node.
 """
 
 import argparse
+import os
 import sys
 
-from pipeline.cli import USER_ERRORS, add_run_arguments, config_from_args, print_summary
-from pipeline.runner import run_config
+# `python jobs/batch_infer.py` puts jobs/ first on sys.path, not the working directory that
+# holds `pipeline/`; Ray workers get the working directory on their path from the runtime env.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pipeline  # noqa: E402
+from pipeline.cli import USER_ERRORS, add_run_arguments, config_from_args, print_summary  # noqa: E402
+from pipeline.runner import run_config  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
+    args = parser.parse_args()
+    print(f"batch_infer job: pipeline package at {os.path.dirname(pipeline.__file__)}", flush=True)
     try:
-        print_summary(run_config(config_from_args(parser.parse_args())))
+        print_summary(run_config(config_from_args(args)))
     except USER_ERRORS as e:
         print(f"batch_infer job: error: {e}", file=sys.stderr)
         return 2
