@@ -23,6 +23,7 @@ class RunConfig:
     actors: int | None = None  # None: one per GPU (GPU runs) or one per node (CPU runs)
     gpus_per_actor: float = 0.0
     top_k: int = 5
+    logits: bool = False  # classification models: also write the raw logits (pre-softmax)
     address: str | None = None  # Ray address; None: the caller's ray.init() or a local Ray
     overwrite: bool = False
     resume: bool = False

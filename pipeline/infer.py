@@ -22,23 +22,30 @@ log = logging.getLogger(__name__)
 
 
 class BatchRunner:
-    """Runs ``model.forward`` on up to ``batch_size`` images with one compiled program."""
+    """Runs ``model.forward`` on up to ``batch_size`` images with one compiled program.
 
-    def __init__(self, model: Model, batch_size: int):
+    With ``logits=True`` (classification models) each output row is probabilities then logits.
+    """
+
+    def __init__(self, model: Model, batch_size: int, logits: bool = False):
+        import functools
+
         import jax
         import jax.numpy as jnp
 
         self.model = model
         self.batch_size = batch_size
+        self.out_dim = model.spec.output_dim * (2 if logits else 1)
+        forward = functools.partial(model.forward, logits=logits)
         self.device = jax.devices()[0]
         self.params = jax.device_put(model.params, self.device)  # once, not per batch
         x_spec = jax.ShapeDtypeStruct((batch_size, *model.spec.shape), jnp.uint8)
         start = time.perf_counter()
         try:
-            self.compiled = jax.jit(model.forward).lower(self.params, x_spec).compile()
+            self.compiled = jax.jit(forward).lower(self.params, x_spec).compile()
         except Exception as e:
             raise RuntimeError(
-                f"Model '{model.name}' does not compile for input {x_spec.shape} uint8: "
+                f"{model.source} does not compile for input {x_spec.shape} uint8: "
                 f"{type(e).__name__}: {e}"
             ) from e
         self.compile_seconds = time.perf_counter() - start
@@ -75,7 +82,7 @@ class BatchRunner:
         Halves are padded to the same compiled shape, so bisection never recompiles.
         """
         n = len(images)
-        out = np.zeros((n, self.model.spec.output_dim), np.float32)
+        out = np.zeros((n, self.out_dim), np.float32)
         errors: list[str | None] = [None] * n
         pending = [(0, n)]
         while pending:
@@ -98,10 +105,14 @@ class BatchRunner:
 class Predictor:
     """Ray Data callable class: decoded batch in, prediction columns out."""
 
-    def __init__(self, model_path: str | None, model_fn: str | None, batch_size: int, top_k: int):
+    def __init__(
+        self, model_path: str | None, model_fn: str | None, batch_size: int, top_k: int,
+        logits: bool = False,
+    ):
         start = time.perf_counter()
         self.model = load_model(model_path, model_fn)
-        self.runner = BatchRunner(self.model, batch_size)
+        self.logits = logits and self.model.spec.output == "classification"
+        self.runner = BatchRunner(self.model, batch_size, logits=self.logits)
         self.top_k = min(top_k, self.model.spec.output_dim)
         log.info(
             "Predictor pid %d: model %s on %s, compiled in %.2fs (ready in %.2fs)",
@@ -114,14 +125,16 @@ class Predictor:
         errors = [e or None for e in batch["error"]]  # "" on the wire means ok
         ok = np.array([e is None for e in errors], dtype=bool)
         before = dict(self.runner.seconds)
-        outputs = np.zeros((len(images), self.model.spec.output_dim), np.float32)  # (B, D)
+        outputs = np.zeros((len(images), self.runner.out_dim), np.float32)  # (B, D) or (B, 2D)
         if ok.any():
             idx = np.flatnonzero(ok)
             outputs[idx], model_errors = self.runner.run_isolating(images[idx])
             for i, err in zip(idx, model_errors):
                 if err is not None:
                     errors[i] = err
-        result = result_columns(self.model, outputs, errors, self.top_k)
+        d = self.model.spec.output_dim
+        logits = outputs[:, d:] if self.logits else None  # (B, D) raw logits
+        result = result_columns(self.model, outputs[:, :d], errors, self.top_k, logits)
         result["path"] = batch["path"]
         result["_t_decode"] = batch["_t_decode"]
         for stage, total in self.runner.seconds.items():  # spread batch time over its rows
@@ -130,10 +143,11 @@ class Predictor:
 
 
 def result_columns(
-    model: Model, outputs: np.ndarray, errors: list[str | None], top_k: int
+    model: Model, outputs: np.ndarray, errors: list[str | None], top_k: int,
+    logits: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Model outputs (B, D) and per-row errors -> the output columns (values on error rows are
-    placeholders; the writer stores nulls there)."""
+    placeholders; the writer stores nulls there). ``logits`` (B, D) adds a ``logits`` column."""
     spec = model.spec
     n = len(errors)
     ok = np.array([e is None for e in errors], dtype=bool)
@@ -156,4 +170,6 @@ def result_columns(
         topk_labels=order.astype(np.int32),
         topk_scores=scores.astype(np.float32),
     )
+    if logits is not None:
+        cols["logits"] = logits.astype(np.float32)  # (B, D)
     return cols

@@ -1,26 +1,55 @@
 """The model contract: what the pipeline needs from any JAX model.
 
-A model is a pure ``apply(params, x)`` over a float32 NHWC batch, its params, and a
-:class:`ModelSpec` saying what input it wants and what it returns. The bundled digits CNN
-(:mod:`pipeline.models.digits_cnn`) and user models (``--model-fn module:build``) both arrive
-here as a :class:`Model`; the pipeline never knows which one it runs.
+Bring your own model by writing a *factory*, a function ``build(path: str | None) -> Model`` in
+a module the pipeline can import, and pass it as ``batch-infer run --model-fn my_module:build``
+(``pipeline.run(..., model_fn="my_module:build")`` from Python)::
+
+    import numpy as np
+    import pipeline
+
+    def apply(params, x):                          # (B, H, W, C) float32, already normalised
+        pooled = x.mean(axis=(1, 2))               # (B, C)
+        return pooled @ params["dense"]["kernel"] + params["dense"]["bias"]  # (B, D) logits
+
+    def build(path: str | None) -> pipeline.Model:
+        params = load_my_weights(path)             # any pytree of arrays
+        spec = pipeline.ModelSpec(height=64, width=64, channels=3, class_names=("cat", "dog"),
+                                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        return pipeline.Model(apply=apply, params=params, spec=spec, name="my_model")
+
+The factory runs in the driver, which checks the model before any image is read, and once in
+each inference actor; ``path`` is ``--model`` (None when not given). ``params`` may be any
+pytree of arrays (a Flax ``variables`` dict works as is, with ``apply=module.apply``) and
+``apply`` any jittable function of ``(params, x)``; each actor compiles it once for
+``(batch_size, H, W, C)``. Images are decoded and resized to the spec's size as uint8
+(grayscale or RGB); ``apply`` receives ``(uint8 * scale + offset - mean) / std`` in float32. A
+classification model returns logits (the pipeline applies softmax, and keeps the logits on
+request); an embedding model (``output="embedding"``, ``embedding_dim=D``) returns its vectors.
+
+The bundled digits CNN (:mod:`pipeline.models.digits_cnn`) is such a factory, and the default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import inspect
 import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Literal
+import math
+import numbers
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Union
 
 import numpy as np
 
 DEFAULT_MODEL_FN = "pipeline.models.digits_cnn:build"
 OutputKind = Literal["classification", "embedding"]
+PerChannel = Union[float, tuple[float, ...]]
 
 
 class ModelError(ValueError):
@@ -31,8 +60,10 @@ class ModelError(ValueError):
 class ModelSpec:
     """What a model takes and returns.
 
-    Pixels reach ``apply`` as ``uint8 * scale + offset`` in float32, shape
-    ``(batch, height, width, channels)``; channels is 1 (grayscale) or 3 (RGB).
+    Pixels reach ``apply`` as ``(uint8 * scale + offset - mean) / std`` in float32, shape
+    ``(batch, height, width, channels)``; channels is 1 (grayscale) or 3 (RGB). ``mean`` and
+    ``std`` are one number or one per channel, in the units after ``scale``/``offset`` (so the
+    usual ImageNet values work with the default ``scale=1/255``).
     """
 
     height: int
@@ -43,6 +74,8 @@ class ModelSpec:
     embedding_dim: int | None = None
     scale: float = 1.0 / 255.0
     offset: float = 0.0
+    mean: PerChannel = 0.0
+    std: PerChannel = 1.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -50,12 +83,25 @@ class ModelSpec:
             problems.append(f"height/width must be positive, got {self.height}x{self.width}")
         if self.channels not in (1, 3):
             problems.append(f"channels must be 1 or 3, got {self.channels}")
+        if self.output not in ("classification", "embedding"):
+            problems.append(f"output must be 'classification' or 'embedding', got {self.output!r}")
         if self.output == "classification" and not self.class_names:
             problems.append("a classification model needs class_names")
         if self.output == "embedding" and not (self.embedding_dim or 0) > 0:
             problems.append("an embedding model needs a positive embedding_dim")
-        if self.output not in ("classification", "embedding"):
-            problems.append(f"output must be 'classification' or 'embedding', got {self.output!r}")
+        if isinstance(self.class_names, str):
+            problems.append("class_names must be a sequence of names, not one string")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if isinstance(value, (tuple, list)) and len(value) not in (1, self.channels):
+                problems.append(f"{name} needs 1 or {self.channels} values, got {len(value)}")
+            elif not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
+                problems.append(f"{name} must be finite numbers, got {value!r}")
+            elif name == "std" and any(v == 0 for v in values):
+                problems.append("std must not be 0")
+            elif isinstance(value, list):  # frozen and hashable, like the rest of the spec
+                object.__setattr__(self, name, tuple(float(v) for v in value))
         if problems:
             raise ModelError("Invalid model spec: " + "; ".join(problems) + ".")
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
@@ -68,36 +114,59 @@ class ModelSpec:
     def output_dim(self) -> int:
         return len(self.class_names) if self.output == "classification" else int(self.embedding_dim)
 
+    def normalise(self, images: Any) -> Any:
+        """uint8 (B, H, W, C) -> the float32 input ``apply`` expects. Jittable."""
+        import jax.numpy as jnp
+
+        x = images.astype(jnp.float32) * self.scale + self.offset
+        if self.mean != 0.0 or self.std != 1.0:
+            x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+        return x
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 @dataclass
 class Model:
-    """A loaded model: ``apply``, its params and spec, plus a content fingerprint.
+    """A model: ``apply(params, x) -> (B, D)``, its params and spec, and a name for messages.
 
-    ``predict`` works without Ray; the pipeline's actors compile the same forward function.
+    ``predict`` works without Ray; the pipeline's actors compile the same :meth:`forward`.
+    :attr:`fingerprint` identifies weights, computation and preprocessing.
     """
 
     apply: Callable[[Any, Any], Any]
     params: Any
     spec: ModelSpec
     name: str = "model"
-    fingerprint: str = field(default="")
+    factory: str = ""  # "module:function" that built it; set by load_model, used in messages
 
-    def __post_init__(self) -> None:
-        if not self.fingerprint:
-            self.fingerprint = fingerprint(self.apply, self.params, self.spec)
+    @property
+    def source(self) -> str:
+        """How messages name this model: its factory when known."""
+        return f"Model factory '{self.factory}'" if self.factory else f"Model '{self.name}'"
 
-    def forward(self, params: Any, images: Any) -> Any:
-        """uint8 (B, H, W, C) -> float32 (B, D): probabilities or embeddings. Jittable."""
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the weights, the traced computation and the spec."""
+        return fingerprint(self)
+
+    def forward(self, params: Any, images: Any, logits: bool = False) -> Any:
+        """uint8 (B, H, W, C) -> float32 (B, D): probabilities or embeddings. Jittable.
+
+        With ``logits=True`` a classification model returns (B, 2D): probabilities, then the
+        raw logits, so both leave the device in one transfer.
+        """
         import jax
         import jax.numpy as jnp
 
-        x = images.astype(jnp.float32) * self.spec.scale + self.spec.offset
-        out = self.apply(params, x).astype(jnp.float32)  # (B, D)
+        out = self.apply(params, self.spec.normalise(images))
+        if isinstance(out, (tuple, list, dict)) or not hasattr(out, "shape"):
+            raise ModelError(f"apply returned a {type(out).__name__}, expected one (batch, D) array")
+        out = out.astype(jnp.float32)  # (B, D)
         if self.spec.output == "classification":
-            out = jax.nn.softmax(out, axis=-1)
+            probs = jax.nn.softmax(out, axis=-1)
+            return jnp.concatenate([probs, out], axis=-1) if logits else probs
         return out
 
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -125,66 +194,138 @@ class Model:
         return cache[batch_size]
 
 
-def fingerprint(apply: Callable, params: Any, spec: ModelSpec) -> str:
-    """sha256 of the weights, the apply code and the preprocessing spec (first 16 hex digits)."""
+def check_model(model: Model, batch_size: int) -> Any:
+    """Trace and lower ``model.forward`` for ``(batch_size, H, W, C)`` uint8 with no data.
+
+    Returns the traced program; raises one-line :class:`ModelError` naming the factory when
+    ``apply`` fails for the declared input or returns the wrong shape.
+    """
+    traced = _trace(model, batch_size)
+    got, expected = tuple(traced.out_info.shape), (batch_size, model.spec.output_dim)
+    if got != expected:
+        what = (f"{expected[1]} class names" if model.spec.output == "classification"
+                else f"embedding_dim={expected[1]}")
+        raise ModelError(
+            f"{model.source}: apply returns shape {got} for a batch of {batch_size}, but its "
+            f"spec declares {what}, so {expected} was expected."
+        )
+    try:
+        traced.lower()
+    except Exception as e:
+        raise ModelError(
+            f"{model.source}: apply cannot be lowered to XLA for a batch of {batch_size}: "
+            f"{_one_line(e)}"
+        ) from e
+    return traced
+
+
+def _trace(model: Model, batch_size: int) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.ShapeDtypeStruct((batch_size, *model.spec.shape), jnp.uint8)
+    try:
+        return jax.jit(model.forward).trace(model.params, x)
+    except Exception as e:  # a user's apply can raise anything while tracing
+        raise ModelError(
+            f"{model.source}: apply fails for its declared input {x.shape} "
+            f"(float32 after normalising): {_one_line(e)}"
+        ) from e
+
+
+def fingerprint(model: Model) -> str:
+    """sha256 of the weights, the traced computation (apply, preprocessing, softmax: whatever
+    code it calls, helpers included) and the spec; first 16 hex digits."""
     import jax
 
     h = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, leaf in leaves:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
         arr = np.asarray(leaf)
         h.update(jax.tree_util.keystr(path).encode())
         h.update(f"{arr.dtype}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
-    h.update(_code_identity(apply).encode())
-    h.update(json.dumps(spec.to_json(), sort_keys=True).encode())
+    # The jaxpr at batch 1 names every op, shape and literal the model runs, so an edit to any
+    # function apply calls changes it, and a comment or the batch size does not. Constants the
+    # code closes over are hashed by value.
+    jaxpr = _trace(model, 1).jaxpr
+    # Host callbacks print as "<function f at 0x7f..>": drop addresses, which change per process.
+    h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", str(jaxpr)).encode())
+    for const in jaxpr.consts:
+        h.update(np.ascontiguousarray(np.asarray(const)).tobytes())
+    h.update(json.dumps(model.spec.to_json(), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
-def _code_identity(fn: Callable) -> str:
-    try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):
-        code = getattr(fn, "__code__", None)
-        return repr(code.co_code) if code is not None else getattr(fn, "__qualname__", repr(fn))
-
-
-def load_model(path: str | Path | None = None, model_fn: str | None = None) -> Model:
+def load_model(path: str | os.PathLike | None = None, model_fn: str | None = None) -> Model:
     """Load a model through its factory (default: the bundled digits CNN).
 
     ``model_fn`` is ``"package.module:function"``; the function is called as ``fn(path)``
     and must return a :class:`Model`. ``path`` is passed through (``None`` means the factory's
-    own default weights).
+    own default weights). Every failure is a :class:`ModelError` naming the factory.
     """
     spec = model_fn or DEFAULT_MODEL_FN
     factory = import_factory(spec)
     try:
-        model = factory(str(path) if path is not None else None)
-    except ModelError:
-        raise
+        model = factory(os.fspath(path) if path is not None else None)
+    except ModelError as e:
+        raise ModelError(f"Model factory '{spec}': {e}") from e
     except FileNotFoundError as e:
         raise ModelError(f"Model factory '{spec}' could not find its weights: {e}") from e
-    except Exception as e:
-        raise ModelError(f"Model factory '{spec}' failed: {type(e).__name__}: {e}") from e
+    except Exception as e:  # user code: anything it raises is reported as the factory's failure
+        raise ModelError(f"Model factory '{spec}' failed: {_one_line(e)}") from e
     if not isinstance(model, Model):
         raise ModelError(
             f"Model factory '{spec}' returned {type(model).__name__}, expected pipeline.Model "
             "(apply, params, spec)."
         )
+    if not isinstance(model.spec, ModelSpec):
+        raise ModelError(
+            f"Model factory '{spec}' returned a Model whose spec is {type(model.spec).__name__}, "
+            "expected pipeline.ModelSpec."
+        )
     if not callable(model.apply):
         raise ModelError(f"Model factory '{spec}' returned a Model whose apply is not callable.")
+    model.factory = spec
     return model
 
 
 def import_factory(spec: str) -> Callable[[str | None], Model]:
+    """Import ``"package.module:function"``; the current directory is searched last, like
+    ``python -m`` does and like Ray does for its local workers."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ModelError(f"Model factory '{spec}' must look like 'package.module:function'.")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ModelError(f"Model factory '{spec}' cannot be imported: {e}") from e
+        raise ModelError(
+            f"Model factory '{spec}' cannot be imported: {_one_line(e)} (run from the directory "
+            "that holds it, set PYTHONPATH, or ship it to a cluster with the job's --working-dir)."
+        ) from e
+    except Exception as e:  # the module itself raised (SyntaxError, a failing import-time call)
+        raise ModelError(f"Model factory '{spec}' cannot be imported: {_one_line(e)}") from e
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelError(f"Model factory '{spec}': module '{module_name}' has no function '{attr}'.")
+    try:
+        inspect.signature(factory).bind(None)
+    except TypeError:
+        raise ModelError(
+            f"Model factory '{spec}' must take one argument (the --model path, or None); its "
+            f"signature is {inspect.signature(factory)}."
+        ) from None
+    except ValueError:  # no signature available (some builtins): let the call decide
+        pass
     return factory
+
+
+def _one_line(e: BaseException) -> str:
+    """Exception type and the first paragraph of its message, on one line (JAX's messages run
+    to many paragraphs; the first says what is wrong)."""
+    first = str(e).strip().split("\n\n")[0]
+    text = " ".join(first.split())
+    if len(text) > 400:
+        text = text[:397] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

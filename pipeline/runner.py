@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.config import RunConfig
 from pipeline.decode import decode_rows
 from pipeline.infer import Predictor, result_columns
-from pipeline.model import Model, ModelError, load_model
+from pipeline.model import Model, ModelError, check_model, load_model
 from pipeline.read import Listing, list_images, load_bytes
 from pipeline.write import MANIFEST, SUMMARY, OutputDir, OutputError, ResultWriter, output_schema
 
@@ -63,7 +63,12 @@ def run(input: str, output: str, **options: Any) -> Summary:
 def run_config(cfg: RunConfig) -> Summary:
     start = time.perf_counter()
     model = load_model(cfg.model, cfg.model_fn)
-    check_traces(model, cfg.batch_size)
+    check_model(model, cfg.batch_size)
+    if cfg.logits and model.spec.output != "classification":
+        raise ModelError(
+            f"{model.source} returns embeddings; --logits is for classification models (the "
+            "embedding column already holds the raw values)."
+        )
     listing = list_images(cfg.input)
     out = OutputDir(cfg.output)
     done = prepare_output(out, cfg, listing, model)
@@ -71,7 +76,7 @@ def run_config(cfg: RunConfig) -> Summary:
     log.info(
         "%d images to predict (%d already done), model %s", len(todo), len(done), model.fingerprint
     )
-    writer = ResultWriter(out, output_schema(model.spec), cfg.rows_per_file, set(done))
+    writer = ResultWriter(out, output_schema(model.spec, cfg.logits), cfg.rows_per_file, set(done))
     summary = Summary(
         output=cfg.output, model=model.fingerprint, rows_resumed=len(done), skipped=listing.skipped
     )
@@ -86,7 +91,7 @@ def run_config(cfg: RunConfig) -> Summary:
     missing = [p for p in todo if p not in writer.written]
     if missing:  # never expected; if Ray ever loses rows, they still get their row, flagged
         log.error("%d inputs came back with no result; writing them as error rows", len(missing))
-        writer.add(_error_batch(model, missing, "no result came back from the pipeline", cfg.top_k))
+        writer.add(_error_batch(model, missing, "no result came back from the pipeline", cfg))
     writer.flush()
     stage_totals["write"] = writer.seconds
     summary.rows_ok = writer.counts["ok"] + _count_resumed(out, done, "ok")
@@ -102,27 +107,6 @@ def run_config(cfg: RunConfig) -> Summary:
     return summary
 
 
-def check_traces(model: Model, batch_size: int) -> None:
-    """Trace ``model.forward`` for the declared input (no data, no compile); fail clearly."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jax.ShapeDtypeStruct((batch_size, *model.spec.shape), jnp.uint8)
-    try:
-        out = jax.eval_shape(model.forward, model.params, x)
-    except Exception as e:
-        raise ModelError(
-            f"Model '{model.name}' fails for its declared input {x.shape} uint8: "
-            f"{type(e).__name__}: {e}"
-        ) from e
-    expected = (batch_size, model.spec.output_dim)
-    if tuple(out.shape) != expected:
-        raise ModelError(
-            f"Model '{model.name}' returns shape {tuple(out.shape)} for a batch of {batch_size}, "
-            f"expected {expected} from its spec ({model.spec.output}, {model.spec.output_dim})."
-        )
-
-
 def prepare_output(out: OutputDir, cfg: RunConfig, listing: Listing, model: Model) -> set[str]:
     """Make ``out`` ready for this run; return the input paths already committed there."""
     manifest = {
@@ -132,6 +116,7 @@ def prepare_output(out: OutputDir, cfg: RunConfig, listing: Listing, model: Mode
         "model": model.fingerprint,
         "model_name": model.name,
         "top_k": cfg.top_k,
+        "logits": cfg.logits,
     }
     if out.has_results():
         if cfg.overwrite:
@@ -166,6 +151,12 @@ def _check_resumable(output: str, before: dict, now: dict) -> None:
             f"Cannot resume into '{output}': it was written with top_k={before.get('top_k')}, "
             f"this run asks for {now['top_k']}."
         )
+    if before.get("logits", False) != now["logits"]:
+        raise OutputError(
+            f"Cannot resume into '{output}': it was written "
+            f"{'with' if before.get('logits') else 'without'} --logits and this run is not "
+            "(all part files share one schema); match it or use --overwrite."
+        )
 
 
 def _listing_digest(paths: list[str]) -> str:
@@ -197,9 +188,10 @@ def _pa_set(paths: set[str]):
     return pa.array(sorted(paths), type=pa.string())
 
 
-def _error_batch(model: Model, paths: list[str], message: str, top_k: int) -> dict[str, Any]:
+def _error_batch(model: Model, paths: list[str], message: str, cfg: RunConfig) -> dict[str, Any]:
     outputs = np.zeros((len(paths), model.spec.output_dim), np.float32)
-    batch = result_columns(model, outputs, [message] * len(paths), top_k)
+    logits = outputs if cfg.logits else None
+    batch = result_columns(model, outputs, [message] * len(paths), cfg.top_k, logits)
     batch["path"] = np.asarray(paths, dtype=object)
     return batch
 
@@ -225,7 +217,7 @@ def _execute(cfg: RunConfig, paths: list[str], spec):
         Predictor,
         fn_constructor_kwargs={
             "model_path": cfg.model, "model_fn": cfg.model_fn,
-            "batch_size": cfg.batch_size, "top_k": cfg.top_k,
+            "batch_size": cfg.batch_size, "top_k": cfg.top_k, "logits": cfg.logits,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",

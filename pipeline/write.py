@@ -41,8 +41,12 @@ class OutputError(ValueError):
     """The output directory cannot be used as asked; the message says what to do."""
 
 
-def output_schema(spec: ModelSpec) -> pa.Schema:
-    """The Parquet schema of one result row for a model with this spec."""
+def output_schema(spec: ModelSpec, logits: bool = False) -> pa.Schema:
+    """The Parquet schema of one result row for a model with this spec.
+
+    Embeddings are a fixed-size list (DuckDB reads it as ``FLOAT[D]``, ready for
+    ``array_cosine_similarity``); ``logits`` adds the raw classification scores.
+    """
     fields = [
         pa.field("path", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
@@ -58,6 +62,8 @@ def output_schema(spec: ModelSpec) -> pa.Schema:
             pa.field("topk_labels", pa.list_(pa.int32())),
             pa.field("topk_scores", pa.list_(pa.float32())),
         ]
+        if logits:
+            fields.append(pa.field("logits", pa.list_(pa.float32())))
     fields.append(pa.field("model", pa.string(), nullable=False))
     return pa.schema(fields)
 
