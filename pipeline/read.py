@@ -48,10 +48,11 @@ def is_image_name(name: str) -> bool:
 
 def list_images(src: str) -> Listing:
     """List image files under ``src``; files with other extensions are skipped and counted."""
+    unlistable: list[str] = []  # directories that could not be read: their files are unknown
     if is_uri(src):
         found, single_file = _list_uri(src)
     else:
-        found, single_file = _list_local(src.removeprefix("file://"))
+        found, single_file = _list_local(src.removeprefix("file://"), unlistable)
         found = [_storable(p) for p in found]
     if single_file:  # a file named explicitly is taken whatever its extension
         return Listing(found)
@@ -59,6 +60,8 @@ def list_images(src: str) -> Listing:
     skipped = {}
     if len(found) != len(images):
         skipped["not an image extension"] = len(found) - len(images)
+    if unlistable:
+        skipped["directory not readable"] = len(unlistable)
     if not images:
         what = f"{len(found)} files, none with an image extension" if found else "no files"
         raise InputError(f"Input '{src}' holds no images ({what}).")
@@ -87,12 +90,17 @@ def _has_glob(src: str) -> bool:
     return any(c in src for c in _GLOB_CHARS)
 
 
-def _list_local(src: str) -> tuple[list[str], bool]:
+def _list_local(src: str, unlistable: list[str]) -> tuple[list[str], bool]:
     if _has_glob(src) and not os.path.lexists(src):  # 'photos[2019]' may be a real name
         return [p for p in glob.glob(src, recursive=True) if not os.path.isdir(p)], False
     if os.path.isdir(src):
         out = []
         seen: set[tuple[int, int]] = set()
+
+        def _warn_unlistable(err: OSError) -> None:
+            log.warning("Cannot list directory '%s': %s", err.filename, err.strerror)
+            unlistable.append(err.filename)
+
         for root, dirs, files in os.walk(src, onerror=_warn_unlistable, followlinks=True):
             # Symlinks are followed, so a link to an ancestor would list the same files again
             # under ever longer paths; each real directory is listed once.
@@ -113,10 +121,6 @@ def _list_local(src: str) -> tuple[list[str], bool]:
     if os.path.lexists(src):
         return [src], True
     raise InputError(f"Input '{src}' does not exist.")
-
-
-def _warn_unlistable(err: OSError) -> None:
-    log.warning("Cannot list directory '%s': %s", err.filename, err.strerror)
 
 
 def _list_uri(src: str) -> tuple[list[str], bool]:

@@ -1,0 +1,347 @@
+"""Every image-like file yields exactly one row: a bad file is an error row that says why, a
+valid but unusual image is predicted, and other files are skipped and counted.
+
+The corpus is generated here, in ``tmp_path``; the main test runs the real ``batch-infer run``
+in a subprocess. As root, file permissions do not bind, so that subprocess runs without the
+capabilities that bypass them (``setpriv``), the way an ordinary user's run would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import urllib.parse
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import pipeline
+from pipeline import digits, runner
+from pipeline.decode import DecodeError, decode_image
+from pipeline.model import load_model
+from pipeline.read import list_images
+
+OK = "ok"
+DIGIT_INDEX = 4  # a held-out "3" that the bundled model gets right in every encoding, and
+DIGIT_LABEL = "3"  # reads as a "0" when turned 90 degrees: orientation must be applied
+DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def encode(img: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid, tiny PNG whose header claims width x height 8-bit gray pixels."""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    idat = zlib.compress(b"\0" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def the_digit(size: int = 64) -> Image.Image:
+    _, (x, y) = digits.load_split()
+    assert str(y[DIGIT_INDEX]) == DIGIT_LABEL
+    return digits.render(x[DIGIT_INDEX], size)
+
+
+def can_enforce_permissions() -> bool:
+    return os.geteuid() != 0 or shutil.which("setpriv") is not None
+
+
+def build_corpus(root: Path) -> tuple[dict[str, str], set[str], dict[str, int]]:
+    """Write the corpus under ``root``. Returns (path -> "ok" or a regex its error must match,
+    the paths that must be predicted as the digit, what the summary must count as skipped)."""
+    digit = the_digit()
+    rgb = digit.convert("RGB")
+    png, jpeg = encode(digit, "PNG"), encode(rgb, "JPEG", quality=95)
+    bad_crc = bytearray(png)
+    bad_crc[29] ^= 0xFF  # a byte of the IHDR checksum
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to display
+    broken_exif = bytearray(encode(rgb, "JPEG", exif=exif))
+    at = broken_exif.find(b"Exif\0\0") + 14
+    broken_exif[at : at + 4] = b"\xff\xff\xff\xff"  # IFD entry count that runs off the end
+    second_frame = Image.new("L", digit.size, 0)
+
+    digit_files = {  # valid images, each must be predicted as the digit
+        "formats/valid.jpg": jpeg,
+        "formats/valid.png": png,
+        "formats/valid.gif": encode(digit, "GIF"),
+        "formats/valid.bmp": encode(rgb, "BMP"),
+        "formats/valid.tiff": encode(rgb, "TIFF"),
+        "formats/valid.webp": encode(rgb, "WEBP", lossless=True),
+        "formats/valid.ppm": encode(rgb, "PPM"),
+        "formats/progressive.jpeg": encode(rgb, "JPEG", progressive=True),
+        "modes/gray16.png": encode(Image.fromarray(np.asarray(digit).astype(np.uint16) * 257), "PNG"),
+        "modes/gray16.tif": encode(Image.fromarray(np.asarray(digit).astype(np.uint16) * 257), "TIFF"),
+        "modes/float01.tif": encode(Image.fromarray(np.asarray(digit, np.float32) / 255), "TIFF"),
+        "modes/cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "modes/rgba.png": encode(rgb.convert("RGBA"), "PNG"),
+        "modes/palette.png": encode(rgb.convert("P"), "PNG"),
+        "modes/palette_transparent.png": encode(rgb.convert("P"), "PNG", transparency=0),
+        "modes/one_bit.png": encode(digit.convert("1"), "PNG"),
+        "modes/la.png": encode(digit.convert("LA"), "PNG"),
+        "modes/animated.gif": encode(digit, "GIF", save_all=True, append_images=[second_frame]),
+        "modes/animated.webp": encode(rgb, "WEBP", save_all=True, append_images=[second_frame.convert("RGB")]),
+        "modes/multipage.tiff": encode(digit, "TIFF", save_all=True, append_images=[second_frame]),
+        "modes/exif_rotated.jpg": encode(digit.transpose(Image.Transpose.ROTATE_90).convert("RGB"),
+                                         "JPEG", quality=95, exif=exif),
+        "names/lying extension png.jpg": png,
+        "names/lying extension jpeg.png": jpeg,
+        "names/with space.png": png,
+        "names/ünïcødé 数字.png": png,
+        "names/100%.png": png,
+        "names/%41%2F escaped.png": png,
+        "names/#hash?.png": png,
+        "names/-dash.png": png,
+        "names/.hidden.png": png,
+        "names/new\nline.png": png,
+        "names/UPPER.JPG": jpeg,
+        "names/Mixed.PnG": png,
+        "names/nested/a/b/c/deep.png": png,
+    }
+    other_ok = {  # valid, but no digit to recognise
+        "modes/broken_exif.jpg": bytes(broken_exif),
+        "sizes/1x1.png": encode(Image.new("L", (1, 1), 128), "PNG"),
+        "sizes/5000x1.png": encode(Image.new("L", (5000, 1), 128), "PNG"),
+        "sizes/1x5000.jpg": encode(Image.new("RGB", (1, 5000), "white"), "JPEG"),
+        "sizes/3x2.bmp": encode(Image.new("RGB", (3, 2), "black"), "BMP"),
+        "formats/valid.ico": encode(rgb, "ICO"),
+    }
+    bad = {  # file name -> (bytes, regex the error must match)
+        "bad/zero.png": (b"", r"empty file \(0 bytes\)"),
+        "bad/truncated.jpg": (jpeg[: len(jpeg) // 2], r"JPEG data is truncated or corrupt"),
+        "bad/truncated.png": (png[: len(png) // 2], r"PNG data is truncated or corrupt"),
+        "bad/text.jpg": (b"hello, I am text\n", r"not a recognised image format \(starts with b'hello"),
+        "bad/page.jpeg": (b"<!DOCTYPE html><html><body>404</body></html>",
+                          r"not a recognised image format \(starts with b'<!DOCTYPE html"),
+        "bad/bad_crc.png": (bytes(bad_crc), r"not a readable PNG file: .*bad header checksum"),
+        "bad/png_signature_only.png": (png[:8], r"not a readable PNG file"),
+        "bad/jpeg_header_only.jpg": (jpeg[:20], r"not a readable JPEG file"),
+        "bad/gif_header_only.gif": (b"GIF89a\x10\x00", r"(not a readable GIF file|GIF data is truncated)"),
+        "bad/random.webp": (np.random.default_rng(0).bytes(4096), r"not a recognised image format"),
+        "bad/bomb.png": (png_header_only(12_000, 12_000),
+                         r"header claims 12000x12000 = 144,000,000 pixels.*decompression bomb"),
+        "bad/huge_bomb.png": (png_header_only(100_000, 100_000), r"decompression bomb refused"),
+    }
+    expected: dict[str, str] = {}
+
+    def put(rel: str, data: bytes, expect: str) -> Path:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        expected[str(path)] = expect
+        return path
+
+    for rel, data in {**digit_files, **other_ok}.items():
+        put(rel, data, OK)
+    for rel, (data, pattern) in bad.items():
+        put(rel, data, pattern)
+
+    special = root / "special"
+    special.mkdir()
+    os.symlink(root / "formats" / "valid.png", special / "link_to_valid.png")
+    expected[str(special / "link_to_valid.png")] = OK
+    os.symlink(special / "missing.png", special / "broken_link.png")
+    expected[str(special / "broken_link.png")] = r"broken symbolic link: .* points to .*missing\.png"
+    os.symlink(special / "loop_b.png", special / "loop_a.png")
+    os.symlink(special / "loop_a.png", special / "loop_b.png")
+    for name in ("loop_a.png", "loop_b.png"):
+        expected[str(special / name)] = r"Too many levels of symbolic links"
+    os.mkfifo(special / "fifo.png")  # reading would wait for a writer forever
+    expected[str(special / "fifo.png")] = r"named pipe \(FIFO\), not a regular file"
+    os.symlink("/dev/zero", special / "endless.jpg")  # reading would never end
+    expected[str(special / "endless.jpg")] = r"character device, not a regular file"
+    os.symlink(root, special / "loop_dir")  # a directory link back up: must not list twice
+    (special / "folder.jpg").mkdir()  # a directory with an image's name is not a file
+    put("special/folder.jpg/inside.png", png, OK)
+    skipped = {}
+    if can_enforce_permissions():
+        locked = put("special/no_permission.png", png, r"PermissionError: .*Permission denied")
+        locked.chmod(0)
+        (special / "locked_dir").mkdir()
+        (special / "locked_dir" / "unseen.png").write_bytes(png)
+        (special / "locked_dir").chmod(0)  # cannot be listed: counted, its files unknown
+        skipped["directory not readable"] = 1
+    raw = os.fsencode(special) + b"/latin1_caf\xe9.png"  # not UTF-8: stored as a file:// URI
+    with open(raw, "wb") as f:
+        f.write(png)
+    expected["file://" + urllib.parse.quote(raw)] = OK
+    digit_paths = {str(root / rel) for rel in digit_files} | {str(special / "link_to_valid.png")}
+    digit_paths.add("file://" + urllib.parse.quote(raw))
+
+    others = ["notes.txt", "data.json", "README", ".DS_Store", "names/drawing.svg", "bad/archive.zip"]
+    for rel in others:
+        (root / rel).write_bytes(b"not an image")
+    return expected, digit_paths, {"not an image extension": len(others), **skipped}
+
+
+def run_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """``batch-infer`` in its own session (so its local Ray can be cleaned up whatever happens),
+    without the root capabilities that ignore file permissions."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "pipeline.cli", *args]
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        cmd = DROP_DAC + cmd
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind in that session
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_bad_input_corpus_through_the_cli(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    expected, digit_paths, skipped = build_corpus(src)
+    result = run_cli(["run", "--input", str(src), "--output", str(out), "--batch-size", "16",
+                      "--no-progress"])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rows = pq.read_table(out).to_pylist()
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)), "a file has more than one row"
+    assert sorted(paths) == sorted(expected), (
+        f"missing: {sorted(set(expected) - set(paths))}, extra: {sorted(set(paths) - set(expected))}"
+    )
+    wrong = []
+    for r in rows:
+        want = expected[r["path"]]
+        if want == OK:
+            if r["status"] != "ok" or r["error"] is not None or r["label_name"] is None:
+                wrong.append((r["path"], "expected ok", r["error"]))
+            elif r["path"] in digit_paths and r["label_name"] != DIGIT_LABEL:
+                wrong.append((r["path"], f"predicted {r['label_name']}, not {DIGIT_LABEL}", None))
+        elif r["status"] != "error" or not re.search(want, r["error"] or ""):
+            wrong.append((r["path"], f"expected error matching {want!r}", r["error"]))
+        elif r["label"] is not None or r["topk_scores"] is not None:
+            wrong.append((r["path"], "error row carries a prediction", None))
+    assert not wrong, "\n".join(map(str, wrong))
+
+    summary = json.loads((out / "_summary.json").read_text())
+    errors = sum(v != OK for v in expected.values())
+    assert summary["completed"]
+    assert (summary["rows_ok"], summary["rows_error"]) == (len(expected) - errors, errors)
+    assert summary["skipped"] == skipped
+    for reason, count in skipped.items():
+        assert f"skipped: {count} files ({reason})" in result.stdout
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("part-")) == [
+        "_manifest.json", "_summary.json"]
+
+
+def test_file_vanishing_between_listing_and_reading(ray_local, tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    src.mkdir()
+    png = encode(the_digit(), "PNG")
+    for i in range(6):
+        (src / f"{i}.png").write_bytes(png)
+    victims = [src / "2.png", src / "4.png"]
+
+    def list_then_lose_files(where: str):
+        listing = list_images(where)  # the real listing, then the files go away
+        for path in victims:
+            path.unlink()
+        return listing
+
+    monkeypatch.setattr(runner, "list_images", list_then_lose_files)
+    summary = pipeline.run(str(src), str(tmp_path / "out"), progress=False)
+    rows = {r["path"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert len(rows) == 6 and (summary.rows_ok, summary.rows_error) == (4, 2)
+    for path in victims:
+        assert rows[str(path)]["status"] == "error"
+        assert "no longer exists (removed or renamed after listing)" in rows[str(path)]["error"]
+
+
+def test_exif_orientation_is_applied():
+    spec = load_model().spec
+    stored = np.zeros((32, 64), np.uint8)  # (H, W): left half black, right half white
+    stored[:, 32:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned 90 degrees clockwise: the black half ends up on top
+    shown = decode_image(encode(Image.fromarray(stored).convert("RGB"), "JPEG", exif=exif), spec)
+    plain = decode_image(encode(Image.fromarray(stored).convert("RGB"), "JPEG"), spec)
+    assert plain[:, :12].mean() < 10 and plain[:, -12:].mean() > 245  # left dark, right light
+    assert shown[:12].mean() < 10 and shown[-12:].mean() > 245  # top dark, bottom light
+
+
+def test_animated_image_uses_its_first_frame():
+    spec = load_model().spec
+    digit = the_digit()
+    black = Image.new("L", digit.size, 0)
+    first = decode_image(encode(digit, "GIF", save_all=True, append_images=[black]), spec)
+    assert np.abs(first.astype(int) - decode_image(encode(digit, "PNG"), spec)).max() <= 1
+    last_first = decode_image(encode(black, "GIF", save_all=True, append_images=[digit]), spec)
+    assert last_first.max() == 0
+
+
+def test_decompression_bomb_is_refused_without_allocating(tmp_path):
+    """Headers claiming 12,000^2 (144 MB of gray pixels: over our limit, under Pillow's) and
+    50,000^2 (2.5 GB: over Pillow's too) are decoded in a process that cannot map 128 MB more
+    than it starts with, so refusing them must take no pixel memory."""
+    for side in (12_000, 50_000):
+        (tmp_path / f"{side}.png").write_bytes(png_header_only(side, side))
+    code = textwrap.dedent(f"""
+        import resource
+        from pipeline.decode import DecodeError, decode_image
+        from pipeline.model import ModelSpec
+        spec = ModelSpec(height=32, width=32, channels=1, class_names=("a",))
+        data = [open(f"{tmp_path}/{{side}}.png", "rb").read() for side in (12_000, 50_000)]
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (used + 2**27, resource.RLIM_INFINITY))
+        for d in data:
+            try:
+                decode_image(d, spec)
+            except DecodeError as e:
+                print("refused:", e)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("refused: image header claims 12000x12000 = 144,000,000 pixels")
+    assert "possible decompression bomb" in lines[0]
+    assert lines[1].startswith("refused: decompression bomb refused: Image size (2500000000 pixels)")
+
+
+def test_decode_errors_name_the_problem():
+    spec = load_model().spec
+    with pytest.raises(DecodeError, match=r"empty file"):
+        decode_image(b"", spec)
+    with pytest.raises(DecodeError, match=r"over the limit of 1,000"):
+        decode_image(encode(the_digit(), "PNG"), spec, max_pixels=1000)
+
+
+def test_listing_follows_links_once_and_counts_what_it_skips(tmp_path):
+    src = tmp_path / "photos [2019]"  # glob characters in a real directory name
+    (src / "sub").mkdir(parents=True)
+    png = encode(the_digit(), "PNG")
+    (src / "a.png").write_bytes(png)
+    (src / "sub" / "b.PNG").write_bytes(png)
+    (src / "sub" / "notes.txt").write_text("x")
+    os.symlink(src, src / "sub" / "back_to_top")  # a loop
+    listing = list_images(str(src))
+    assert listing.paths == [str(src / "a.png"), str(src / "sub" / "b.PNG")]
+    assert listing.skipped == {"not an image extension": 1}
