@@ -166,6 +166,9 @@ class Model:
         out = out.astype(jnp.float32)  # (B, D)
         if self.spec.output == "classification":
             probs = jax.nn.softmax(out, axis=-1)
+            # XLA:CPU's vectorised exp turns NaN into finite garbage, so a broken logit row
+            # would come out as a plausible distribution; keep it NaN so it is flagged.
+            probs = jnp.where(jnp.isfinite(out).all(axis=-1, keepdims=True), probs, jnp.nan)
             return jnp.concatenate([probs, out], axis=-1) if logits else probs
         return out
 
