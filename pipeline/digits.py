@@ -48,6 +48,14 @@ def encode(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def model_inputs(values: np.ndarray, spec, size: int = 32) -> np.ndarray:
+    """Digits (N, 8, 8) -> (N, H, W, C) uint8 model inputs, rendered at ``size`` px as PNG and
+    decoded by the pipeline's own decode."""
+    from pipeline.decode import decode_image
+
+    return np.stack([decode_image(encode(render(v, size), "PNG"), spec) for v in values])
+
+
 def write_samples(directory: str | Path, count: int, seed: int = 0) -> list[Path]:
     """Write ``count`` held-out digits as ``DIR/<label>/<name>.<ext>``: sizes 16..128, PNG or
     JPEG, gray or RGB, nearest or bilinear. Returns the files written."""

@@ -64,10 +64,7 @@ def label_of(path: str) -> str:
 def digit_images(count: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Held-out digits decoded to the bundled model's input: ((N, 32, 32, 1) uint8, labels)."""
     from pipeline import digits
-    from pipeline.decode import decode_image
     from pipeline.model import load_model
 
-    spec = load_model().spec
     _, (x, y) = digits.load_split()
-    images = [decode_image(digits.encode(digits.render(v, size), "PNG"), spec) for v in x[:count]]
-    return np.stack(images), y[:count]
+    return digits.model_inputs(x[:count], load_model().spec, size), y[:count]

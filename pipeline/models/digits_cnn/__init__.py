@@ -67,18 +67,31 @@ def init_params(config: CNNConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def make_apply(config: CNNConfig):
-    """Return ``apply(params, x)``: float32 (B, H, W, C) -> logits (B, num_classes)."""
+    """Return ``apply(params, x)``: float32 (B, H, W, C) -> logits (B, num_classes).
+
+    Training passes ``dropout=(key, rate)`` to drop features before the Dense layer; inference
+    never does.
+    """
     import jax
+    import jax.numpy as jnp
     from jax import lax
 
     stride = (config.stride, config.stride)
     dims = ("NHWC", "HWIO", "NHWC")
 
-    def apply(params, x):
+    def apply(params, x, dropout=None):
+        # Per-image contrast stretch (darkest -> 0, lightest -> 1): a gray page, faint ink or a
+        # dim scan then looks like the training digits. The floor keeps a blank page blank.
+        lo = x.min(axis=(1, 2, 3), keepdims=True)  # (B, 1, 1, 1)
+        hi = x.max(axis=(1, 2, 3), keepdims=True)
+        x = (x - lo) / jnp.maximum(hi - lo, 0.1)
         for layer in ("conv1", "conv2"):
             x = lax.conv_general_dilated(x, params[f"{layer}/w"], stride, "SAME", dimension_numbers=dims)
             x = jax.nn.relu(x + params[f"{layer}/b"])  # XLA fuses bias+relu (into the conv on GPU)
         x = x.reshape(x.shape[0], -1)  # (B, 8*8*64)
+        if dropout is not None:
+            key, rate = dropout
+            x = jnp.where(jax.random.bernoulli(key, 1 - rate, x.shape), x / (1 - rate), 0.0)
         return x @ params["dense/w"] + params["dense/b"]  # (B, num_classes)
 
     return apply

@@ -1,0 +1,342 @@
+"""``batch-infer bench``: the seed's before/after table and end-to-end ratios, in one run.
+
+Two parts, both on the bundled digits CNN:
+
+* **seed table** — "before": each image on its own, host->device transfer, then the layers as
+  separate un-jitted ops (Conv, BiasAdd, ReLU, Conv, BiasAdd, ReLU, Dense), device->host
+  transfer, every stage timed after ``block_until_ready``; "after": batches of 32, one transfer
+  in, the AOT-compiled fused program, one transfer out.
+* **end to end** — the same JPEG files through (a) a plain single-process loop (Pillow decode
+  + the compiled batch-of-32 model), (b) Ray Data's documented recipe (``read_images`` ->
+  ``map_batches(callable class)`` -> ``write_parquet``) and (c) ``pipeline.run``. Each runs in
+  its own process, repeated and interleaved; we report medians, ratios, and the peak resident
+  memory of each contestant's whole process tree (Ray workers included). Ray start-up is timed
+  separately and excluded from images/s for both Ray contestants.
+
+The machines this runs on are shared and noisy: read the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+BEFORE_STAGES = ("transfer_in", "conv1", "bias1", "relu1", "conv2", "bias2", "relu2", "dense", "transfer_out")
+AFTER_STAGES = ("transfer_in", "compute", "transfer_out")
+CONTESTANTS = ("loop", "ray_recipe", "pipeline")
+
+
+# ---------------------------------------------------------------- seed table
+
+
+def seed_table(images: np.ndarray, repeats: int = 3, batch_size: int = 32) -> dict:
+    """Per-stage ms for the op-by-op per-image path and the batched compiled path."""
+    import jax
+
+    from pipeline.infer import BatchRunner
+    from pipeline.model import load_model
+
+    model = load_model()
+    runner = BatchRunner(model, batch_size)
+    params = jax.device_put(model.params)
+    _before_one(images[0], params, model.spec)  # warm the op-by-op kernels
+    runner.run(images[:batch_size])
+    before, after = [], []
+    for _ in range(repeats):
+        totals = dict.fromkeys(BEFORE_STAGES, 0.0)
+        for img in images:
+            for stage, seconds in _before_one(img, params, model.spec).items():
+                totals[stage] += seconds
+        before.append({k: 1000 * v / len(images) for k, v in totals.items()})
+        runner.seconds = dict.fromkeys(AFTER_STAGES, 0.0)
+        for i in range(0, len(images), batch_size):
+            runner.run(images[i : i + batch_size])
+        after.append({k: 1000 * v / len(images) for k, v in runner.seconds.items()})
+    before_ms = {k: statistics.median(r[k] for r in before) for k in BEFORE_STAGES}
+    after_ms = {k: statistics.median(r[k] for r in after) for k in AFTER_STAGES}
+    b, a = sum(before_ms.values()), sum(after_ms.values())
+    return {
+        "device": str(runner.device),
+        "images": len(images),
+        "batch_size": batch_size,
+        "before_ms_per_image": before_ms,
+        "after_ms_per_image": after_ms,
+        "before_total_ms_per_image": b,
+        "after_total_ms_per_image": a,
+        "speedup": b / a if a else float("nan"),
+    }
+
+
+def _before_one(img: np.ndarray, params, spec) -> dict[str, float]:
+    """One image, one op at a time, each timed to completion: the seed's "before" column."""
+    import jax
+    from jax import lax
+
+    t = {}
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        out = out.block_until_ready() if hasattr(out, "block_until_ready") else out
+        t[name] = time.perf_counter() - start
+        return out
+
+    x = timed("transfer_in", lambda: jax.device_put(img[None].astype(np.float32) * spec.scale + spec.offset))
+    for i, layer in ((1, "conv1"), (2, "conv2")):
+        x = timed(f"conv{i}", lambda: lax.conv_general_dilated(x, params[f"{layer}/w"], (2, 2), "SAME",
+                                                               dimension_numbers=dims))
+        x = timed(f"bias{i}", lambda: x + params[f"{layer}/b"])
+        x = timed(f"relu{i}", lambda: jax.nn.relu(x))
+    x = timed("dense", lambda: jax.nn.softmax(x.reshape(1, -1) @ params["dense/w"] + params["dense/b"]))
+    timed("transfer_out", lambda: np.asarray(x))
+    return t
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def make_images(directory: Path, count: int, width: int = 128, height: int = 96) -> Path:
+    """``count`` JPEG digit images of ``width`` x ``height`` (reused if already there)."""
+    from pipeline import digits
+
+    marker = directory / f"_bench_{count}_{width}x{height}"
+    if marker.exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    _, (x, y) = digits.load_split()
+    for i in range(count):
+        img = digits.render(x[i % len(x)], height).resize((width, height))
+        sub = directory / f"{i // 1000:04d}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"{i:07d}_{y[i % len(y)]}.jpg").write_bytes(digits.encode(img, "JPEG", 90))
+    marker.write_text("")
+    return directory
+
+
+def contestant(name: str, images: str, output: str) -> dict:
+    """Run one contestant in this process; returns its timings."""
+    if name == "loop":
+        return _loop(images, output)
+    import ray
+
+    start = time.perf_counter()
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    init = time.perf_counter() - start
+    start = time.perf_counter()
+    if name == "ray_recipe":
+        rows = _ray_recipe(images, output)
+        result = {"images": rows}
+    else:
+        import pipeline
+
+        summary = pipeline.run(images, output, overwrite=True, progress=False)
+        result = {"images": summary.rows_ok + summary.rows_error,
+                  "first_result_seconds": summary.first_result_seconds,
+                  "stage_ms_per_image": summary.stage_ms_per_image}
+    result.update(seconds=time.perf_counter() - start, init_seconds=init)
+    ray.shutdown()
+    return result
+
+
+def _loop(images: str, output: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.decode import decode_image
+    from pipeline.infer import BatchRunner
+    from pipeline.model import load_model
+    from pipeline.read import list_images
+
+    start = time.perf_counter()
+    model = load_model()
+    runner = BatchRunner(model, 32)
+    paths = list_images(images).paths
+    labels = []
+    for i in range(0, len(paths), 32):
+        chunk = paths[i : i + 32]
+        batch = np.stack([decode_image(Path(p).read_bytes(), model.spec) for p in chunk])
+        labels.append(runner.run(batch).argmax(axis=1))
+    os.makedirs(output, exist_ok=True)
+    pq.write_table(pa.table({"path": paths, "label": np.concatenate(labels).astype(np.int32)}),
+                   f"{output}/loop.parquet")
+    return {"images": len(paths), "seconds": time.perf_counter() - start, "init_seconds": 0.0}
+
+
+def _ray_recipe(images: str, output: str) -> int:
+    """Ray Data's documented image batch-inference recipe, with our model dropped in."""
+    import ray
+
+    from pipeline.model import load_model
+
+    spec = load_model().spec
+
+    class Classifier:
+        def __init__(self):
+            import jax
+
+            self.model = load_model()
+            self.forward = jax.jit(self.model.forward)
+
+        def __call__(self, batch):
+            probs = np.asarray(self.forward(self.model.params, batch["image"].reshape(-1, *spec.shape)))
+            return {"path": batch["path"], "label": probs.argmax(axis=1)}
+
+    ds = ray.data.read_images(images, size=(spec.height, spec.width), mode="L", include_paths=True)
+    ds = ds.map_batches(Classifier, compute=ray.data.ActorPoolStrategy(size=1), batch_size=32)
+    ds.write_parquet(output)
+    import pyarrow.parquet as pq
+
+    return pq.read_table(output, columns=["label"]).num_rows
+
+
+class TreeMemory:
+    """Peak summed RSS of a process and all its descendants, sampled from /proc."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss(self.pid))
+            self._stop.wait(self.interval)
+
+
+def _tree_rss(root: int) -> int:
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def run_contestant(name: str, images: Path, work: Path) -> dict:
+    out = work / f"out_{name}"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "pipeline.bench", "--contestant", name, str(images), str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    memory = TreeMemory(proc.pid)
+    stdout, _ = proc.communicate()
+    peak = memory.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench contestant '{name}' failed (exit {proc.returncode})")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_rss_mb"] = peak / 2**20
+    result["images_per_second"] = result["images"] / result["seconds"]
+    return result
+
+
+def end_to_end(count: int, repeats: int, work: Path) -> dict:
+    images = make_images(work / "images", count)
+    runs: dict[str, list[dict]] = {c: [] for c in CONTESTANTS}
+    for _ in range(repeats):
+        for name in CONTESTANTS:  # interleaved, so drifts in machine load hit all three alike
+            runs[name].append(run_contestant(name, images, work))
+    med = {
+        name: {key: statistics.median(r[key] for r in rs)
+               for key in ("images_per_second", "seconds", "init_seconds", "peak_rss_mb")}
+        for name, rs in runs.items()
+    }
+    firsts = [r["first_result_seconds"] for r in runs["pipeline"] if r.get("first_result_seconds")]
+    med["pipeline"]["first_result_seconds"] = statistics.median(firsts) if firsts else None
+    med["pipeline"]["stage_ms_per_image"] = runs["pipeline"][-1].get("stage_ms_per_image")
+    ours = med["pipeline"]["images_per_second"]
+    return {
+        "images": count,
+        "repeats": repeats,
+        "median": med,
+        "ratio_vs_loop": ours / med["loop"]["images_per_second"],
+        "ratio_vs_ray_recipe": ours / med["ray_recipe"]["images_per_second"],
+        "runs": runs,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_report(result: dict) -> str:
+    lines = []
+    seed = result.get("seed")
+    if seed:
+        lines.append(f"Seed table — bundled CNN on {seed['device']}, {seed['images']} images, "
+                     f"batch {seed['batch_size']} (median ms per image)")
+        lines.append("  BEFORE (per image, op by op)      AFTER (batch, one compiled program)")
+        before, after = list(seed["before_ms_per_image"].items()), list(seed["after_ms_per_image"].items())
+        for i in range(max(len(before), len(after))):
+            left = f"{before[i][0]:<14}{before[i][1]:>9.4f}" if i < len(before) else ""
+            right = f"{after[i][0]:<14}{after[i][1]:>9.4f}" if i < len(after) else ""
+            lines.append(f"  {left:<34}{right}")
+        lines.append(f"  {'total':<14}{seed['before_total_ms_per_image']:>9.4f}          "
+                     f"{'total':<14}{seed['after_total_ms_per_image']:>9.4f}")
+        lines.append(f"  speedup per image: {seed['speedup']:.1f}x")
+    e2e = result.get("end_to_end")
+    if e2e:
+        lines.append("")
+        lines.append(f"End to end — {e2e['images']} JPEG images 128x96, median of {e2e['repeats']} "
+                     "interleaved runs")
+        lines.append(f"  {'contestant':<12}{'images/s':>10}{'seconds':>9}{'ray init s':>11}{'peak RSS MB':>13}")
+        for name, m in e2e["median"].items():
+            lines.append(f"  {name:<12}{m['images_per_second']:>10.0f}{m['seconds']:>9.2f}"
+                         f"{m['init_seconds']:>11.2f}{m['peak_rss_mb']:>13.0f}")
+        lines.append(f"  pipeline / loop: {e2e['ratio_vs_loop']:.2f}x   "
+                     f"pipeline / ray recipe: {e2e['ratio_vs_ray_recipe']:.2f}x")
+        first = e2e["median"]["pipeline"].get("first_result_seconds")
+        if first is not None:
+            lines.append(f"  pipeline: first result {first:.2f}s after pipeline.run() began")
+    return "\n".join(lines)
+
+
+def bench(images: int = 20_000, repeats: int = 3, seed_images: int = 256,
+          work: str | None = None, end_to_end_run: bool = True) -> dict:
+    """Run the seed table and (optionally) the end-to-end comparison; returns the JSON result."""
+    from pipeline import digits
+    from pipeline.model import load_model
+
+    spec = load_model().spec
+    _, (x, _) = digits.load_split()
+    inputs = digits.model_inputs(x[np.arange(seed_images) % len(x)], spec, size=96)
+    result = {"seed": seed_table(inputs, repeats=repeats)}
+    if end_to_end_run:
+        root = Path(work or tempfile.mkdtemp(prefix="batch-infer-bench-"))
+        result["end_to_end"] = end_to_end(images, repeats, root)
+    return result
+
+
+if __name__ == "__main__":  # one contestant, in its own process (see run_contestant)
+    assert sys.argv[1] == "--contestant", "use: batch-infer bench --help"
+    print(json.dumps(contestant(sys.argv[2], sys.argv[3], sys.argv[4])))
