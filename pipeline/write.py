@@ -44,8 +44,9 @@ class OutputError(ValueError):
 def output_schema(spec: ModelSpec, logits: bool = False) -> pa.Schema:
     """The Parquet schema of one result row for a model with this spec.
 
-    Embeddings are a fixed-size list (DuckDB reads it as ``FLOAT[D]``, ready for
-    ``array_cosine_similarity``); ``logits`` adds the raw classification scores.
+    Embeddings are a fixed-size list: pyarrow reads it back as ``fixed_size_list<float>[D]``,
+    DuckDB as ``FLOAT[]`` (``list_cosine_similarity`` works on it as is). ``logits`` adds the
+    raw classification scores.
     """
     fields = [
         pa.field("path", pa.string(), nullable=False),

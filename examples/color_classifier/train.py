@@ -106,11 +106,12 @@ def write_samples(directory: str | Path, count: int, seed: int = 7) -> list[Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="checkpoint directory to write")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="Adam steps of 64 images (default: 300)")
+    parser.add_argument("--train-images", type=int, default=3000, help="generated training images")
     parser.add_argument("--samples", metavar="DIR", help="also write sample images here")
     parser.add_argument("--count", type=int, default=120, help="sample images (default: 120)")
     args = parser.parse_args()
-    print(json.dumps(train(args.output, steps=args.steps), indent=2))
+    print(json.dumps(train(args.output, steps=args.steps, count=args.train_images), indent=2))
     if args.samples:
         write_samples(args.samples, args.count)
         print(f"wrote {args.count} sample images to {args.samples}")
