@@ -204,8 +204,14 @@ def _execute(cfg: RunConfig, paths: list[str], spec):
     _ensure_ray(cfg.address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    actors = _actor_count(cfg)
+    # The default count is what the cluster holds now (its GPUs, or its nodes): start them all,
+    # since Ray Data grows a pool only once its running actors are busy, too late for a short
+    # run. An explicit --actors is a ceiling to grow to, e.g. on a cluster that autoscales.
+    min_actors = actors if cfg.actors is None else 1
     table = pa.table({"path": pa.array(paths, type=pa.string())})
-    blocks = [table.slice(i, ROWS_PER_BLOCK) for i in range(0, len(paths), ROWS_PER_BLOCK)]
+    rows = _rows_per_block(len(paths), actors, cfg.batch_size)
+    blocks = [table.slice(i, rows) for i in range(0, len(paths), rows)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         _decode_batch,
@@ -222,10 +228,18 @@ def _execute(cfg: RunConfig, paths: list[str], spec):
         batch_size=cfg.batch_size,
         batch_format="numpy",
         zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actor_count(cfg)),
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=actors),
         **_actor_resources(cfg),
     )
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _rows_per_block(n: int, actors: int, batch_size: int) -> int:
+    """Rows per decode block: at most ROWS_PER_BLOCK, a whole number of model batches, and
+    small enough that a small input still makes two blocks per actor. Ray Data grows the
+    actor pool only while blocks queue up, so 200 images in one block would use one GPU."""
+    per_actor = -(-n // (2 * actors))
+    return max(batch_size, min(ROWS_PER_BLOCK, batch_size * -(-per_actor // batch_size)))
 
 
 def _decode_batch(batch: dict[str, np.ndarray], spec, max_pixels: int) -> dict[str, np.ndarray]:
