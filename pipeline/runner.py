@@ -236,8 +236,8 @@ def _execute(cfg: RunConfig, paths: list[str], spec):
 
 def _rows_per_block(n: int, actors: int, batch_size: int) -> int:
     """Rows per decode block: at most ROWS_PER_BLOCK, a whole number of model batches, and
-    small enough that a small input still makes two blocks per actor. Ray Data grows the
-    actor pool only while blocks queue up, so 200 images in one block would use one GPU."""
+    small enough that a small input still makes two blocks per actor: a block goes to one
+    actor, so 200 images in one block would keep every GPU but one idle."""
     per_actor = -(-n // (2 * actors))
     return max(batch_size, min(ROWS_PER_BLOCK, batch_size * -(-per_actor // batch_size)))
 
