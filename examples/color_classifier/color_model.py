@@ -9,7 +9,7 @@ factories over one checkpoint::
 
 Checkpoint: a directory with ``weights.npz`` (flat "params/Conv_0/kernel" keys, read with
 ``allow_pickle=False``) and ``model.json`` (architecture, input normalisation, class names).
-``train.py`` beside this file makes one in about ten seconds.
+``train.py`` beside this file makes one (about 10 s of CPU time).
 """
 
 from __future__ import annotations
