@@ -257,7 +257,8 @@ def _ensure_ray(address: str | None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         # A Ray we start for one local run serves only this machine: keep it on loopback.
-        ray.init(_node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+        # address="local": without it, ray.init() joins any `ray start` head on this machine.
+        ray.init(address="local", _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
 
 
 def _actor_count(cfg: RunConfig) -> int:
