@@ -157,6 +157,19 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path
 
 
+# What the filesystems read from the environment (pyarrow reads the credentials itself).
+STORAGE_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+)
+
+
+def storage_env() -> dict[str, str]:
+    """This process's object-store settings, to hand to Ray tasks that load inputs: on a
+    cluster they run on nodes whose environment was set when Ray started there, not by us."""
+    return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
+
+
 @lru_cache(maxsize=1)
 def _s3() -> pafs.S3FileSystem:
     # pyarrow reads AWS_* credentials itself; it does not read AWS_ENDPOINT_URL, which

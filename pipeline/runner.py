@@ -18,7 +18,7 @@ from pipeline.config import RunConfig
 from pipeline.decode import decode_rows
 from pipeline.infer import Predictor, result_columns
 from pipeline.model import Model, ModelError, check_model, load_model
-from pipeline.read import Listing, list_images, load_bytes
+from pipeline.read import Listing, list_images, load_bytes, storage_env
 from pipeline.write import MANIFEST, SUMMARY, OutputDir, OutputError, ResultWriter, output_schema
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,7 @@ def _execute(cfg: RunConfig, paths: list[str], spec):
         batch_size=None,
         batch_format="numpy",
         fn_kwargs={"spec": spec, "max_pixels": cfg.max_pixels},
+        **_decode_resources(),
     )
     ds = ds.map_batches(
         Predictor,
@@ -232,6 +233,14 @@ def _execute(cfg: RunConfig, paths: list[str], spec):
         **_actor_resources(cfg),
     )
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _decode_resources() -> dict[str, Any]:
+    # Decode tasks read the inputs: give them the driver's object-store settings (endpoint,
+    # region, keys), which nodes started elsewhere do not have. Nothing set, nothing passed:
+    # tasks with their own runtime_env need worker processes of their own.
+    env = storage_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _rows_per_block(n: int, actors: int, batch_size: int) -> int:
