@@ -37,6 +37,7 @@ def ray_local():
 
     ray.shutdown()
     ctx = ray.init(
+        address="local",  # never join another test module's cluster on this machine
         num_cpus=2,
         object_store_memory=256 * 1024**2,
         include_dashboard=False,
