@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -50,8 +52,13 @@ def gpu_cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     records = tmp_path_factory.mktemp("placement")
+    # Cluster() writes its address to $RAY_TMPDIR/ray/ray_current_cluster, where every plain
+    # ray.init() on this machine would find and join it (and its shutdown deletes that file,
+    # whoever wrote it): keep both in a directory of our own. Short: socket paths live there.
+    ray_tmp = tempfile.mkdtemp(prefix="bi-mn-", dir="/tmp")
     ray.shutdown()
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", ray_tmp)
         # Worker processes inherit the environment of the raylets started here: that is how
         # the factory above gets imported in the actors and finds where to write.
         mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")])))
@@ -69,11 +76,17 @@ def gpu_cluster(tmp_path_factory):
         finally:
             ray.shutdown()
             cluster.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_one_actor_per_gpu_node_and_every_row_written(gpu_cluster, tmp_path):
+def test_one_actor_per_gpu_node_and_every_row_written(gpu_cluster, tmp_path, monkeypatch):
+    import ray
+
     from pipeline.digits import write_samples
 
+    # The pool asks for both actors at once, but on 2 busy cores the run can end before the
+    # second has imported JAX; hold the start until both are up so both placements are seen.
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
     images = tmp_path / "images"
     write_samples(images, 200, seed=3)  # enough batches that the pool grows to both GPUs
     out = tmp_path / "out"
