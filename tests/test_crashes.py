@@ -1,0 +1,245 @@
+"""The model failing on some images, an inference actor killed, a node lost: every input still
+gets exactly one row.
+
+Faults are injected the way they happen: the model (``tests/poison_model.py``) fails inside its
+compiled function, actors are SIGKILLed by pid (found through Ray's state API), a node of a
+3-node local cluster is removed. These tests start their own Ray (the state API needs the
+dashboard; the node test needs several nodes) and shut it down when done.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import pipeline
+import poison_model
+from conftest import label_of
+from pipeline.digits import write_samples
+
+PREDICTOR = "MapWorker(MapBatches(Predictor))"  # the actor class Ray Data makes of ours
+_ray: dict = {}  # the Ray this module started: {"dashboard": url}
+
+
+@pytest.fixture
+def own_ray():
+    """A 2-CPU loopback Ray with its dashboard, started once for the tests that share it; its
+    workers import tests/ modules (PYTHONPATH is inherited from this process)."""
+    import ray
+
+    if not _ray or not ray.is_initialized():
+        ray.shutdown()
+        os.environ["PYTHONPATH"] = poison_model.worker_env()["PYTHONPATH"]
+        ctx = ray.init(
+            address="local",  # never join another Ray found on this machine
+            num_cpus=2,
+            object_store_memory=200 * 1024**2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            logging_level="WARNING",
+        )
+        _ray["dashboard"] = f"http://{ctx.dashboard_url}"
+    yield _ray["dashboard"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shutdown_ray_after_module():
+    yield
+    import ray
+
+    ray.shutdown()
+    _ray.clear()
+
+
+def write_inputs(root: Path, count: int, poison: int = 0) -> list[Path]:
+    """``count`` digit images (DIR/<label>/x.png|jpg) and ``poison`` solid-gray marker images."""
+    write_samples(root, count, seed=3)
+    marked = []
+    for i in range(poison):
+        path = root / "poison" / f"marked_{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("L", (20 + 7 * i, 30), poison_model.DEFAULTS["marker"]).save(path)
+        marked.append(path)
+    return marked
+
+
+def check_exactly_once(out: Path, src: Path) -> list[dict]:
+    rows = pq.read_table(out).to_pylist()
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)), "duplicate rows"
+    assert sorted(paths) == sorted(str(p) for p in src.rglob("*.*")), "rows lost or invented"
+    return rows
+
+
+def alive_predictors(dashboard: str) -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(
+        address=dashboard, filters=[("class_name", "=", PREDICTOR), ("state", "=", "ALIVE")],
+        timeout=30,
+    )
+
+
+def wait_for_calls(calls: Path, at_least: int, timeout: float = 180) -> list[poison_model.Call]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = poison_model.read_calls(calls)
+        if len(seen) >= at_least:
+            return seen
+        time.sleep(0.05)
+    raise TimeoutError(f"the model made fewer than {at_least} calls in {timeout}s")
+
+
+class Injector(threading.Thread):
+    """Runs ``inject`` in the background while the pipeline runs in the test's thread; keeps
+    what it returned or raised for the test to check."""
+
+    def __init__(self, inject):
+        super().__init__(daemon=True)
+        self.inject, self.result, self.error = inject, None, None
+
+    def run(self):
+        try:
+            self.result = self.inject()
+        except BaseException as e:  # handed to the test, which re-raises it
+            self.error = e
+
+    def outcome(self):
+        self.join(timeout=60)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("raise", r"model failed on this image: .*poison image in batch"),
+    ("nan", r"model output is NaN or Inf for this image"),
+], ids=["raises", "nan"])
+def test_poison_images_are_isolated_by_bisection(own_ray, tmp_path, mode, message):
+    src, out, calls = tmp_path / "in", tmp_path / "out", tmp_path / "calls"
+    marked = write_inputs(src, 40, poison=3)
+    options = poison_model.write_options(tmp_path / "model.json", mode=mode, calls=str(calls))
+    summary = pipeline.run(str(src), str(out), model_fn="poison_model:build", model=options,
+                           batch_size=8, progress=False)
+
+    rows = check_exactly_once(out, src)
+    bad = {r["path"]: r for r in rows if r["status"] == "error"}
+    assert sorted(bad) == sorted(map(str, marked))
+    for r in bad.values():
+        assert re.search(message, r["error"]), r["error"]
+        assert r["label"] is None
+    good = [r for r in rows if r["status"] == "ok"]
+    assert sum(r["label_name"] == label_of(r["path"]) for r in good) >= 38  # neighbours intact
+    assert (summary.rows_ok, summary.rows_error) == (40, 3)
+    sizes = [c.images for c in poison_model.read_calls(calls)]
+    if mode == "raise":
+        # Each failing batch of <= 8 is split down to single images: more calls than batches,
+        # but far fewer than one call per image.
+        assert sizes.count(1) >= 3 and len(sizes) < 43
+    else:  # a NaN row needs no retry: one call per batch
+        assert sum(sizes) == 43
+
+
+def test_actor_killed_mid_run_is_replaced(own_ray, tmp_path):
+    """SIGKILL the inference actor mid-call, then its replacement too, soon after it starts."""
+    src, out, calls = tmp_path / "in", tmp_path / "out", tmp_path / "calls"
+    write_inputs(src, 160)
+    options = poison_model.write_options(tmp_path / "model.json", calls=str(calls), delay=0.1)
+
+    def kill_predictor_twice():
+        killed = []
+        for wait_for in (4, 2):  # calls by the actor about to be killed
+            done = len(poison_model.read_calls(calls))
+            deadline = time.monotonic() + 120
+            while sum(c.pid not in killed for c in poison_model.read_calls(calls)[done:]) < wait_for:
+                assert time.monotonic() < deadline, "the model stopped being called"
+                time.sleep(0.05)
+            (actor,) = alive_predictors(own_ray)
+            os.kill(actor.pid, signal.SIGKILL)  # mid-call: each call sleeps inside the model
+            killed.append(actor.pid)
+        return killed, len(poison_model.read_calls(calls))
+
+    killer = Injector(kill_predictor_twice)
+    killer.start()
+    summary = pipeline.run(str(src), str(out), model_fn="poison_model:build", model=options,
+                           batch_size=8, actors=1, rows_per_file=32, progress=False)
+    killed, calls_before = killer.outcome()
+
+    rows = check_exactly_once(out, src)
+    assert all(r["status"] == "ok" for r in rows) and summary.rows_ok == 160
+    made = poison_model.read_calls(calls)
+    assert len({c.pid for c in made}) == 3  # the first actor and two replacements
+    after = [c.images for c in made[calls_before:] if c.pid not in killed]
+    assert sum(after) >= 160 - sum(c.images for c in made[:calls_before]), (
+        "the last actor did not do the rest of the work")
+
+
+def kill_node(cluster, node) -> list[int]:
+    """What a machine failure does: every process of the node dies at once (its raylet and the
+    workers and actors it started), then the cluster drops the node. Returns the pids killed.
+    (``remove_node`` alone kills the raylet but leaves its workers running for a while.)"""
+    import psutil
+
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    victims = [*raylet.children(recursive=True), raylet]
+    for process in victims:
+        process.kill()
+    cluster.remove_node(node, allow_graceful=False)
+    return [p.pid for p in victims]
+
+
+@pytest.mark.slow
+def test_node_lost_mid_run(tmp_path):
+    """A 3-node cluster on loopback (head: driver only; two 2-CPU workers); the worker whose
+    actor is busy is removed mid-run."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    _ray.clear()
+    os.environ["PYTHONPATH"] = poison_model.worker_env()["PYTHONPATH"]
+    store = 100 * 1024**2
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "node_ip_address": "127.0.0.1", "num_cpus": 0, "object_store_memory": store,
+        "include_dashboard": False,
+        # A dead node is noticed after 5 failed checks a second apart instead of 5 x 3 s.
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5},
+    })
+    try:
+        workers = [cluster.add_node(node_ip_address="127.0.0.1", num_cpus=2, object_store_memory=store)
+                   for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING")
+        src, out, calls = tmp_path / "in", tmp_path / "out", tmp_path / "calls"
+        write_inputs(src, 240)
+        options = poison_model.write_options(tmp_path / "model.json", calls=str(calls), delay=0.1)
+
+        def remove_busy_node():
+            busy = wait_for_calls(calls, 4)[-1]  # the node whose actor made the latest call
+            (node,) = [w for w in workers if w.node_id == busy.node]
+            assert busy.pid in kill_node(cluster, node)
+            return busy.node, len(poison_model.read_calls(calls))
+
+        remover = Injector(remove_busy_node)
+        remover.start()
+        summary = pipeline.run(str(src), str(out), model_fn="poison_model:build", model=options,
+                               batch_size=8, actors=2, rows_per_file=32, progress=False)
+        lost_node, calls_before = remover.outcome()
+
+        rows = check_exactly_once(out, src)
+        assert all(r["status"] == "ok" for r in rows) and summary.rows_ok == 240
+        made = poison_model.read_calls(calls)
+        assert not [c for c in made[calls_before:] if c.node == lost_node]  # it is gone
+        assert sum(c.images for c in made[calls_before:]) > 0, "lost after the work was done"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
