@@ -23,6 +23,7 @@ class RunConfig:
     actors: int | None = None  # None: one per GPU (GPU runs) or one per node (CPU runs)
     gpus_per_actor: float = 0.0
     top_k: int = 5
+    compute_dtype: str = "float32"  # or "bfloat16": cast inside the compiled program (GPU)
     logits: bool = False  # classification models: also write the raw logits (pre-softmax)
     address: str | None = None  # Ray address; None: the caller's ray.init() or a local Ray
     overwrite: bool = False
@@ -43,6 +44,8 @@ class RunConfig:
             problems.append(f"top_k must be at least 1, got {self.top_k}")
         if self.rows_per_file < 1:
             problems.append(f"rows_per_file must be at least 1, got {self.rows_per_file}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            problems.append(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         if self.overwrite and self.resume:
             problems.append("overwrite and resume cannot both be set")
         if problems:

@@ -27,7 +27,9 @@ class BatchRunner:
     With ``logits=True`` (classification models) each output row is probabilities then logits.
     """
 
-    def __init__(self, model: Model, batch_size: int, logits: bool = False):
+    def __init__(
+        self, model: Model, batch_size: int, logits: bool = False, compute_dtype: str = "float32"
+    ):
         import functools
 
         import jax
@@ -36,7 +38,7 @@ class BatchRunner:
         self.model = model
         self.batch_size = batch_size
         self.out_dim = model.spec.output_dim * (2 if logits else 1)
-        forward = functools.partial(model.forward, logits=logits)
+        forward = functools.partial(model.forward, logits=logits, compute_dtype=compute_dtype)
         self.device = jax.devices()[0]
         self.params = jax.device_put(model.params, self.device)  # once, not per batch
         x_spec = jax.ShapeDtypeStruct((batch_size, *model.spec.shape), jnp.uint8)
@@ -107,12 +109,12 @@ class Predictor:
 
     def __init__(
         self, model_path: str | None, model_fn: str | None, batch_size: int, top_k: int,
-        logits: bool = False,
+        logits: bool = False, compute_dtype: str = "float32",
     ):
         start = time.perf_counter()
         self.model = load_model(model_path, model_fn)
         self.logits = logits and self.model.spec.output == "classification"
-        self.runner = BatchRunner(self.model, batch_size, logits=self.logits)
+        self.runner = BatchRunner(self.model, batch_size, self.logits, compute_dtype)
         self.top_k = min(top_k, self.model.spec.output_dim)
         log.info(
             "Predictor pid %d: model %s on %s, compiled in %.2fs (ready in %.2fs)",

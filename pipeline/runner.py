@@ -117,6 +117,7 @@ def prepare_output(out: OutputDir, cfg: RunConfig, listing: Listing, model: Mode
         "model_name": model.name,
         "top_k": cfg.top_k,
         "logits": cfg.logits,
+        "compute_dtype": cfg.compute_dtype,
     }
     if out.has_results():
         if cfg.overwrite:
@@ -146,17 +147,12 @@ def _check_resumable(output: str, before: dict, now: dict) -> None:
             f"Cannot resume into '{output}': the input listing changed since that run "
             f"({before.get('inputs')} images then, {now['inputs']} now). Use --overwrite."
         )
-    if before.get("top_k") != now["top_k"]:
-        raise OutputError(
-            f"Cannot resume into '{output}': it was written with top_k={before.get('top_k')}, "
-            f"this run asks for {now['top_k']}."
-        )
-    if before.get("logits", False) != now["logits"]:
-        raise OutputError(
-            f"Cannot resume into '{output}': it was written "
-            f"{'with' if before.get('logits') else 'without'} --logits and this run is not "
-            "(all part files share one schema); match it or use --overwrite."
-        )
+    for key in ("top_k", "logits", "compute_dtype"):  # all part files must share one schema
+        if before.get(key) != now[key]:
+            raise OutputError(
+                f"Cannot resume into '{output}': it was written with {key}={before.get(key)}, "
+                f"this run asks for {key}={now[key]}; match it or use --overwrite."
+            )
 
 
 def _listing_digest(paths: list[str]) -> str:
@@ -225,6 +221,7 @@ def _execute(cfg: RunConfig, paths: list[str], spec):
         fn_constructor_kwargs={
             "model_path": cfg.model, "model_fn": cfg.model_fn,
             "batch_size": cfg.batch_size, "top_k": cfg.top_k, "logits": cfg.logits,
+            "compute_dtype": cfg.compute_dtype,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",

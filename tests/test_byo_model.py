@@ -181,7 +181,7 @@ def test_resume_keeps_rows_and_refuses_a_changed_model(own_ray, colors, tmp_path
     assert table.num_rows == SAMPLES and len(set(table.column("path").to_pylist())) == SAMPLES
     assert pq.read_table(parts[0]).to_pylist() == first_rows  # committed parts untouched
 
-    with pytest.raises(OutputError, match="--logits"):
+    with pytest.raises(OutputError, match="logits="):
         pipeline.run(str(colors["images"]), str(out), resume=True, logits=True, **opts)
     changed = tmp_path / "changed"
     shutil.copytree(colors["model"], changed)

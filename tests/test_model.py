@@ -141,3 +141,13 @@ def test_weights_are_not_pickled(tmp_path):
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="No model at"):
         load_model(tmp_path / "nope")
+
+
+def test_bfloat16_compute_keeps_float32_io_and_agrees(model):
+    images, _ = digit_images(64)
+    f32 = BatchRunner(model, 32).run(images[:32])
+    bf16 = BatchRunner(model, 32, compute_dtype="bfloat16").run(images[:32])
+    assert bf16.dtype == np.float32 and bf16.shape == f32.shape
+    assert all(np.asarray(v).dtype == np.float32 for v in model.params.values())
+    assert (bf16.argmax(1) == f32.argmax(1)).mean() >= 0.9
+    np.testing.assert_allclose(bf16, f32, atol=0.1)

@@ -82,3 +82,5 @@ def test_existing_output_needs_overwrite_or_resume(ray_local, sample_dir, tmp_pa
     table = pq.read_table(out)
     assert table.num_rows == 40
     assert {len(v) for v in table.column("topk_labels").to_pylist()} == {2}
+    with pytest.raises(OutputError, match="compute_dtype=float32, this run asks for compute_dtype=bfloat16"):
+        pipeline.run(str(sample_dir), str(out), resume=True, top_k=2, compute_dtype="bfloat16")
