@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ def own_ray():
 
     if not _ray or not ray.is_initialized():
         ray.shutdown()
+        _ray["pythonpath"] = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = poison_model.worker_env()["PYTHONPATH"]
         ctx = ray.init(
             address="local",  # never join another Ray found on this machine
@@ -57,6 +60,10 @@ def _shutdown_ray_after_module():
     import ray
 
     ray.shutdown()
+    if _ray.get("pythonpath") is not None:
+        os.environ["PYTHONPATH"] = _ray["pythonpath"]
+    elif "pythonpath" in _ray:
+        os.environ.pop("PYTHONPATH", None)
     _ray.clear()
 
 
@@ -198,15 +205,18 @@ def kill_node(cluster, node) -> list[int]:
 
 
 @pytest.mark.slow
-def test_node_lost_mid_run(tmp_path):
+def test_node_lost_mid_run(tmp_path, monkeypatch):
     """A 3-node cluster on loopback (head: driver only; two 2-CPU workers); the worker whose
     actor is busy is removed mid-run."""
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
-    _ray.clear()
-    os.environ["PYTHONPATH"] = poison_model.worker_env()["PYTHONPATH"]
+    # Cluster() records its address in $RAY_TMPDIR/ray/ray_current_cluster, where any plain
+    # ray.init() on this machine would join it: keep that (and its sockets) to ourselves.
+    ray_tmp = tempfile.mkdtemp(prefix="bi-crash-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.setenv("PYTHONPATH", poison_model.worker_env()["PYTHONPATH"])
     store = 100 * 1024**2
     cluster = Cluster(initialize_head=True, head_node_args={
         "node_ip_address": "127.0.0.1", "num_cpus": 0, "object_store_memory": store,
@@ -243,3 +253,4 @@ def test_node_lost_mid_run(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
