@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import INPUT_FORMATS, ConfigError, RunConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.model import ModelError
 from pipeline.read import InputError
@@ -27,6 +27,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory (recursive), single file, glob ('imgs/**/*.png'), or s3://bucket/prefix")
     p.add_argument("--output", required=True, metavar="DIR",
                    help="directory (or s3:// URI) for part-*.parquet, _manifest.json, _summary.json")
+    p.add_argument("--input-format", choices=INPUT_FORMATS, default="images",
+                   help="images: one row per image file; tar: webdataset tar shards (.tar, .tar.gz), "
+                   "one row per sample, path SHARD/MEMBER; parquet: files with an image-bytes column, "
+                   "one row per table row, path FILE/ID (default: images)")
+    p.add_argument("--image-column", default="image", metavar="NAME",
+                   help="parquet: the column of encoded image bytes (default: image)")
+    p.add_argument("--id-column", default="id", metavar="NAME",
+                   help="parquet: the column of unique row ids (default: id)")
     p.add_argument("--model", metavar="PATH",
                    help="checkpoint for the model factory (default: the bundled digits CNN)")
     p.add_argument("--model-fn", metavar="MODULE:FUNCTION",
@@ -65,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         top_k=args.top_k, logits=args.logits, compute_dtype=args.compute_dtype, address=args.address, overwrite=args.overwrite, resume=args.resume,
         rows_per_file=args.rows_per_file, max_pixels=args.max_pixels, progress=args.progress,
+        input_format=args.input_format, image_column=args.image_column, id_column=args.id_column,
     )
 
 

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pipeline.decode import DEFAULT_MAX_PIXELS
 
 
+# How the input is read (pipeline/shards.py): image files, or shards holding many images.
+INPUT_FORMATS = ("images", "tar", "parquet")
+
+
 class ConfigError(ValueError):
     """An option value is out of range; the message names it."""
 
@@ -30,6 +34,9 @@ class RunConfig:
     resume: bool = False
     rows_per_file: int = 10_000
     max_pixels: int = DEFAULT_MAX_PIXELS
+    input_format: str = "images"  # one of INPUT_FORMATS
+    image_column: str = "image"  # parquet: the encoded-image column
+    id_column: str = "id"  # parquet: the unique id column; row path = <file>/<id>
     progress: bool | None = None  # None: progress bars when stderr is a terminal
 
     def __post_init__(self) -> None:
@@ -46,6 +53,8 @@ class RunConfig:
             problems.append(f"rows_per_file must be at least 1, got {self.rows_per_file}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             problems.append(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        if self.input_format not in INPUT_FORMATS:
+            problems.append(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
         if self.overwrite and self.resume:
             problems.append("overwrite and resume cannot both be set")
         if problems:

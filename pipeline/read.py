@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -48,6 +49,12 @@ def is_image_name(name: str) -> bool:
 
 def list_images(src: str) -> Listing:
     """List image files under ``src``; files with other extensions are skipped and counted."""
+    return list_files(src, is_image_name, "an image", "images")
+
+
+def list_files(src: str, accept: Callable[[str], bool], a_kind: str, kinds: str) -> Listing:
+    """List the files under ``src`` whose name ``accept`` takes (``a_kind``/``kinds``: "an
+    image"/"images", for messages); the others are skipped and counted."""
     unlistable: list[str] = []  # directories that could not be read: their files are unknown
     if is_uri(src):
         found, single_file = _list_uri(src)
@@ -56,16 +63,16 @@ def list_images(src: str) -> Listing:
         found = [_storable(p) for p in found]
     if single_file:  # a file named explicitly is taken whatever its extension
         return Listing(found)
-    images = sorted({p for p in found if is_image_name(p)})
+    taken = sorted({p for p in found if accept(p)})
     skipped = {}
-    if len(found) != len(images):
-        skipped["not an image extension"] = len(found) - len(images)
+    if len(found) != len(taken):
+        skipped[f"not {a_kind} extension"] = len(found) - len(taken)
     if unlistable:
         skipped["directory not readable"] = len(unlistable)
-    if not images:
-        what = f"{len(found)} files, none with an image extension" if found else "no files"
-        raise InputError(f"Input '{src}' holds no images ({what}).")
-    return Listing(images, skipped)
+    if not taken:
+        what = f"{len(found)} files, none with {a_kind} extension" if found else "no files"
+        raise InputError(f"Input '{src}' holds no {kinds} ({what}).")
+    return Listing(taken, skipped)
 
 
 def _storable(path: str) -> str:

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.decode import decode_rows
 from pipeline.infer import Predictor, result_columns
 from pipeline.model import Model, ModelError, check_model, load_model
-from pipeline.read import Listing, list_images, load_bytes, storage_env
+from pipeline.read import Listing, storage_env
+from pipeline.shards import Source
 from pipeline.write import MANIFEST, SUMMARY, OutputDir, OutputError, ResultWriter, output_schema
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,14 @@ def run_config(cfg: RunConfig) -> Summary:
             f"{model.source} returns embeddings; --logits is for classification models (the "
             "embedding column already holds the raw values)."
         )
-    listing = list_images(cfg.input)
+    source = Source.of(cfg)
+    listing = source.list(cfg.input)
     out = OutputDir(cfg.output)
     done = prepare_output(out, cfg, listing, model)
-    todo = [p for p in listing.paths if p not in done]
+    todo = source.todo(listing.paths, done)
     log.info(
-        "%d images to predict (%d already done), model %s", len(todo), len(done), model.fingerprint
+        "%d %s to read (%d rows already done), model %s",
+        len(todo), cfg.input_format, len(done), model.fingerprint,
     )
     writer = ResultWriter(out, output_schema(model.spec, cfg.logits), cfg.rows_per_file, set(done))
     summary = Summary(
@@ -82,13 +84,13 @@ def run_config(cfg: RunConfig) -> Summary:
     )
     stage_totals = dict.fromkeys(STAGES, 0.0)
     if todo:
-        for batch in _execute(cfg, todo, model.spec):
+        for batch in _execute(cfg, todo, model.spec, source, done):
             if summary.first_result_seconds is None:
                 summary.first_result_seconds = time.perf_counter() - start
             for stage in STAGES:
                 stage_totals[stage] += float(np.sum(batch.pop(f"_t_{stage}")))
             writer.add(batch)
-    missing = [p for p in todo if p not in writer.written]
+    missing = source.unaccounted(todo, writer.written)
     if missing:  # never expected; if Ray ever loses rows, they still get their row, flagged
         log.error("%d inputs came back with no result; writing them as error rows", len(missing))
         writer.add(_error_batch(model, missing, "no result came back from the pipeline", cfg))
@@ -97,10 +99,11 @@ def run_config(cfg: RunConfig) -> Summary:
     summary.rows_ok = writer.counts["ok"] + _count_resumed(out, done, "ok")
     summary.rows_error = writer.counts["error"] + _count_resumed(out, done, "error")
     summary.seconds = time.perf_counter() - start
-    summary.images_per_second = len(todo) / summary.seconds if summary.seconds else 0.0
+    rows = writer.counts["ok"] + writer.counts["error"]  # this run's rows (a shard holds many)
+    summary.images_per_second = rows / summary.seconds if summary.seconds else 0.0
     summary.stage_seconds = {k: round(v, 4) for k, v in stage_totals.items()}
     summary.stage_ms_per_image = {
-        k: round(1000 * v / max(len(todo), 1), 4) for k, v in stage_totals.items()
+        k: round(1000 * v / max(rows, 1), 4) for k, v in stage_totals.items()
     }
     summary.completed = True
     out.write_json(SUMMARY, summary.to_json())
@@ -118,6 +121,7 @@ def prepare_output(out: OutputDir, cfg: RunConfig, listing: Listing, model: Mode
         "top_k": cfg.top_k,
         "logits": cfg.logits,
         "compute_dtype": cfg.compute_dtype,
+        "source": Source.of(cfg).describe(),
     }
     if out.has_results():
         if cfg.overwrite:
@@ -131,7 +135,7 @@ def prepare_output(out: OutputDir, cfg: RunConfig, listing: Listing, model: Mode
         before = out.read_json(MANIFEST)
         if before is not None:
             _check_resumable(cfg.output, before, manifest)
-            return out.committed_paths() & set(listing.paths)
+            return Source.of(cfg).committed(out.committed_paths(), listing.paths)
     out.write_json(MANIFEST, manifest)
     return set()
 
@@ -146,6 +150,12 @@ def _check_resumable(output: str, before: dict, now: dict) -> None:
         raise OutputError(
             f"Cannot resume into '{output}': the input listing changed since that run "
             f"({before.get('inputs')} images then, {now['inputs']} now). Use --overwrite."
+        )
+    source = before.get("source", {"format": "images"})
+    if source != now["source"]:  # the source decides the row ids
+        raise OutputError(
+            f"Cannot resume into '{output}': it was read as {source}, this run reads "
+            f"{now['source']}; match it or use --overwrite."
         )
     for key in ("top_k", "logits", "compute_dtype"):  # all part files must share one schema
         if before.get(key) != now[key]:
@@ -192,9 +202,9 @@ def _error_batch(model: Model, paths: list[str], message: str, cfg: RunConfig) -
     return batch
 
 
-def _execute(cfg: RunConfig, paths: list[str], spec):
-    """Yield result batches (numpy dicts) from the Ray Data pipeline over ``paths``."""
-    import pyarrow as pa
+def _execute(cfg: RunConfig, paths: list[str], spec, source: Source, done: set[str]):
+    """Yield result batches (numpy dicts) from the Ray Data pipeline over ``paths`` (files or
+    shards; rows in ``done`` are skipped inside shards)."""
     import ray
 
     _ensure_ray(cfg.address)
@@ -205,15 +215,13 @@ def _execute(cfg: RunConfig, paths: list[str], spec):
     # since Ray Data grows a pool only once its running actors are busy, too late for a short
     # run. An explicit --actors is a ceiling to grow to, e.g. on a cluster that autoscales.
     min_actors = actors if cfg.actors is None else 1
-    table = pa.table({"path": pa.array(paths, type=pa.string())})
     rows = _rows_per_block(len(paths), actors, cfg.batch_size)
-    blocks = [table.slice(i, rows) for i in range(0, len(paths), rows)]
-    ds = ray.data.from_arrow(blocks)
+    ds = ray.data.from_arrow(source.blocks(paths, done, rows))
     ds = ds.map_batches(
-        _decode_batch,
+        _decode_block,
         batch_size=None,
         batch_format="numpy",
-        fn_kwargs={"spec": spec, "max_pixels": cfg.max_pixels},
+        fn_kwargs={"source": source, "spec": spec, "max_pixels": cfg.max_pixels},
         **_decode_resources(),
     )
     ds = ds.map_batches(
@@ -248,8 +256,9 @@ def _rows_per_block(n: int, actors: int, batch_size: int) -> int:
     return max(batch_size, min(ROWS_PER_BLOCK, batch_size * -(-per_actor // batch_size)))
 
 
-def _decode_batch(batch: dict[str, np.ndarray], spec, max_pixels: int) -> dict[str, np.ndarray]:
-    return decode_rows(list(batch["path"]), load_bytes, spec, max_pixels)
+def _decode_block(batch: dict[str, np.ndarray], source: Source, spec, max_pixels: int):
+    # A generator: a shard becomes several blocks of decoded rows, never one huge one.
+    yield from source.decode(batch, spec, max_pixels)
 
 
 def _ensure_ray(address: str | None) -> None:

@@ -1,0 +1,327 @@
+"""Input sources: image files, tar shards (webdataset layout), Parquet files of image bytes.
+
+The driver lists *units* (image files, or shard files: names only, cheap); each decode task
+takes a block of units and yields decoded rows. A file is one row. A shard is many, read in
+the task and never written to disk:
+
+- ``tar`` (``.tar``, ``.tar.gz``, ``.tgz``; webdataset / img2dataset layout): members are
+  grouped into samples by key, the member name up to the first dot of its base name
+  (``dir/000123.jpg`` and ``dir/000123.json`` are sample ``dir/000123``). A sample's image is
+  its member whose whole extension is an image's (``jpg``, ``png``, ... but not ``seg.png``);
+  the first such member in tar order if there are several. Other members are ignored. Row
+  path: ``<shard>/<member name>``.
+- ``parquet`` (``.parquet``): one row per table row; ``image_column`` holds the encoded image
+  (binary, or a struct with a ``bytes`` field as Hugging Face datasets write it) and
+  ``id_column`` a unique id. Row path: ``<file>/<id>``.
+
+Same promise as files: anything that cannot be read is an error row, never a crash. A corrupt
+member or table row is that row's error. Where a shard stops being readable (truncated, bad
+header, corrupt row group) the rows that were read stay, and one error row marks the rest:
+path ``<shard>`` for a tar, ``<file>/#row-group-<i>`` for Parquet. A Parquet row whose id is
+null or repeats gets the path ``<file>/#row-<n>`` (its position in the file).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import tarfile
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.decode import decode_rows
+from pipeline.model import ModelSpec
+from pipeline.read import IMAGE_EXTENSIONS, InputError, Listing, list_files, list_images, load_bytes
+
+log = logging.getLogger(__name__)
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Rows per decoded block from a shard: the same trade-off as a block of image files.
+ROWS_PER_CHUNK = 512
+
+Payload = bytes | BaseException  # a row's encoded image, or why there is none
+
+
+class ShardError(ValueError):
+    """Part of a shard cannot be read; the message says where it stopped."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """How the input is listed and expanded into rows (``RunConfig.input_format`` and co)."""
+
+    format: str = "images"
+    image_column: str = "image"
+    id_column: str = "id"
+
+    @classmethod
+    def of(cls, cfg) -> Source:
+        return cls(cfg.input_format, cfg.image_column, cfg.id_column)
+
+    @property
+    def sharded(self) -> bool:
+        return self.format != "images"
+
+    def describe(self) -> dict[str, str]:
+        """What decides the row ids: recorded in the manifest, checked on --resume."""
+        if self.format == "parquet":
+            return {"format": self.format, "image_column": self.image_column, "id_column": self.id_column}
+        return {"format": self.format}
+
+    def list(self, src: str) -> Listing:
+        """The units under ``src``: image files, or shard files of this format."""
+        if self.format == "images":
+            return list_images(src)
+        if self.format == "tar":
+            return list_files(src, _is_tar_name, "a tar shard", "tar shards")
+        listing = list_files(src, lambda p: p.lower().endswith(".parquet"), "a Parquet", "Parquet files")
+        self._check_columns(listing.paths[0])
+        return listing
+
+    def committed(self, rows: set[str], units: list[str]) -> set[str]:
+        """The committed row paths that belong to ``units`` (for --resume)."""
+        if not self.sharded:
+            return rows & set(units)
+        shards = set(units)
+        return {r for r in rows if _shard_of(r, shards) is not None}
+
+    def todo(self, units: list[str], done: set[str]) -> list[str]:
+        """Units still to read. A shard is read again even when some of its rows are done:
+        the decode task skips those (see :meth:`blocks`)."""
+        return units if self.sharded else [u for u in units if u not in done]
+
+    def blocks(self, units: list[str], done: set[str], rows_per_block: int) -> list[Any]:
+        """Arrow tables for ``ray.data.from_arrow``: runs of files, or one shard per block
+        with the rows of it already committed (column ``done``)."""
+        import pyarrow as pa
+
+        if not self.sharded:
+            table = pa.table({"path": pa.array(units, type=pa.string())})
+            return [table.slice(i, rows_per_block) for i in range(0, len(units), rows_per_block)]
+        by_shard: dict[str, list[str]] = {u: [] for u in units}
+        for row in done:
+            by_shard[_shard_of(row, by_shard)].append(row)
+        return [
+            pa.table({"path": [u], "done": pa.array([sorted(by_shard[u])], pa.list_(pa.string()))})
+            for u in units
+        ]
+
+    def decode(self, batch: dict[str, np.ndarray], spec: ModelSpec, max_pixels: int) -> Iterator[dict]:
+        """Decode one block (a Ray task): yields batches of ``decode_rows`` columns."""
+        if not self.sharded:
+            yield decode_rows(list(batch["path"]), load_bytes, spec, max_pixels)
+            return
+        for shard, done in zip(batch["path"], batch["done"]):
+            yield from _decode_chunks(self._expand(shard), set(done), spec, max_pixels)
+
+    def unaccounted(self, units: list[str], written: set[str]) -> list[str]:
+        """Units with no row in ``written``: they get an error row (never expected)."""
+        if not self.sharded:
+            return [u for u in units if u not in written]
+        shards = set(units)
+        seen = {_shard_of(r, shards) for r in written}
+        return [u for u in units if u not in seen]
+
+    def _expand(self, shard: str) -> Iterator[tuple[str, Payload]]:
+        try:
+            data = load_bytes(shard)
+        except Exception as e:  # an unreadable shard is one error row, like an unreadable file
+            yield shard, e
+            return
+        if self.format == "tar":
+            yield from tar_rows(shard, data)
+        else:
+            yield from parquet_rows(shard, data, self.image_column, self.id_column)
+
+    def _check_columns(self, path: str) -> None:
+        # Fail before any work on a misnamed column: one footer read, the first file only (a
+        # later file without the column is an error row for that file).
+        import pyarrow.parquet as pq
+
+        from pipeline.read import filesystem
+
+        fs, inner = filesystem(path)
+        try:
+            with fs.open_input_file(inner) as f:
+                names = pq.read_schema(f).names
+        except Exception as e:  # an unreadable first file is that file's error row, later
+            log.warning("Cannot read the schema of '%s': %s", path, e)
+            return
+        missing = [c for c in (self.image_column, self.id_column) if c not in names]
+        if missing:
+            raise InputError(
+                f"Parquet file '{path}' has no column {' or '.join(map(repr, missing))} (it has "
+                f"{', '.join(names)}); name them with --image-column and --id-column."
+            )
+
+
+def _is_tar_name(path: str) -> bool:
+    return path.lower().endswith(TAR_SUFFIXES)
+
+
+def _shard_of(row: str, shards) -> str | None:
+    """The shard in ``shards`` that row path ``row`` comes from, or None. Member names and ids
+    may contain '/', so try each prefix that ends before a '/'."""
+    if row in shards:
+        return row
+    cut = row.find("/")
+    while cut != -1:
+        if row[:cut] in shards:
+            return row[:cut]
+        cut = row.find("/", cut + 1)
+    return None
+
+
+def _decode_chunks(
+    rows: Iterator[tuple[str, Payload]], done: set[str], spec: ModelSpec, max_pixels: int
+) -> Iterator[dict]:
+    chunk: dict[str, Payload] = {}
+    start = time.perf_counter()
+    for path, payload in rows:
+        if path in done or path in chunk:
+            continue
+        chunk[path] = payload
+        if len(chunk) == ROWS_PER_CHUNK:
+            yield _decode_chunk(chunk, time.perf_counter() - start, spec, max_pixels)
+            chunk, start = {}, time.perf_counter()
+    if chunk:
+        yield _decode_chunk(chunk, time.perf_counter() - start, spec, max_pixels)
+
+
+def _decode_chunk(chunk: dict[str, Payload], read_seconds: float, spec, max_pixels) -> dict:
+    def load(path: str) -> bytes:
+        payload = chunk[path]
+        if isinstance(payload, BaseException):
+            raise payload
+        return payload
+
+    out = decode_rows(list(chunk), load, spec, max_pixels)
+    out["_t_decode"] += read_seconds / len(chunk)  # reading the shard, spread over its rows
+    return out
+
+
+# --- tar -------------------------------------------------------------------------------------
+
+
+def tar_rows(shard: str, data: bytes) -> Iterator[tuple[str, Payload]]:
+    """(row path, image bytes or error) for each sample of a webdataset tar, in tar order.
+
+    Read from memory only: no member is ever extracted, so names like ``../x`` or ``/etc/x``
+    are just strings (and their rows are errors, see :func:`_unsafe_name`).
+    """
+    keys: set[str] = set()
+    members = 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            for member in tar:
+                name = member.name
+                if not member.isfile() or not _is_image_member(name):
+                    continue
+                key = _key(name)
+                if key in keys:  # a second image for one sample: not an input of its own
+                    continue
+                keys.add(key)
+                members += 1
+                row = f"{shard}/{name}"
+                if _unsafe_name(name):
+                    yield row, ShardError(f"member name '{name}' is absolute or contains '..'; not read")
+                    continue
+                try:
+                    yield row, tar.extractfile(member).read()
+                except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+                    yield row, ShardError(f"member '{name}' is truncated or corrupt: {e}")
+            _check_end(tar)
+    except (tarfile.TarError, OSError, EOFError, zlib.error, ShardError) as e:
+        where = f"after {members} image members" if members else "before any image member"
+        yield shard, ShardError(f"tar shard unreadable {where}: {e}")
+
+
+def _is_image_member(name: str) -> bool:
+    base = posixpath.basename(name)
+    return "." in base and "." + base.split(".", 1)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _key(name: str) -> str:
+    head, base = posixpath.split(name)
+    return posixpath.join(head, base.split(".", 1)[0])
+
+
+def _unsafe_name(name: str) -> bool:
+    return name.startswith("/") or ".." in name.split("/")
+
+
+def _check_end(tar: tarfile.TarFile) -> None:
+    """tarfile ends its iteration quietly at a header it cannot parse past the first, and at a
+    cut between members. A whole archive ends with zero blocks (at least two, 1024 bytes)
+    after its last member; anything else means the rest of the shard is lost."""
+    tar.fileobj.seek(tar.offset)
+    rest = tar.fileobj.read()
+    if any(rest):
+        raise ShardError(f"unreadable tar header at byte {tar.offset}; the rest is lost")
+    if len(rest) < 2 * tarfile.BLOCKSIZE:
+        raise ShardError(f"archive ends at byte {tar.offset + len(rest)} without its end marker (truncated?)")
+
+
+# --- Parquet ---------------------------------------------------------------------------------
+
+
+def parquet_rows(shard: str, data: bytes, image_column: str, id_column: str) -> Iterator[tuple[str, Payload]]:
+    """(row path, image bytes or error) for each row of a Parquet file, row group by row group."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        names = pf.schema_arrow.names
+        missing = [c for c in (image_column, id_column) if c not in names]
+        if missing:
+            raise ShardError(f"no column {' or '.join(map(repr, missing))} (it has {', '.join(names)})")
+    except Exception as e:  # not Parquet, or not ours: the file is one error row
+        yield shard, ShardError(f"Parquet file unreadable: {e}")
+        return
+    seen: dict[str, int] = {}
+    position = 0
+    for group in range(pf.num_row_groups):
+        try:
+            table = pf.read_row_group(group, columns=[id_column, image_column])
+            ids = table.column(id_column).to_pylist()
+            images = _image_values(table.column(image_column))
+        except Exception as e:  # a corrupt row group: its rows are lost, the others are not
+            yield f"{shard}/#row-group-{group}", ShardError(f"row group {group} unreadable: {e}")
+            position += pf.metadata.row_group(group).num_rows
+            continue
+        for row_id, image in zip(ids, images):
+            yield _parquet_row(shard, row_id, image, position, seen, id_column, image_column)
+            position += 1
+
+
+def _image_values(column) -> list:
+    import pyarrow as pa
+
+    if pa.types.is_struct(column.type):  # Hugging Face datasets: {bytes, path}
+        if column.type.get_field_index("bytes") < 0:
+            raise ShardError(f"image column is a struct without a 'bytes' field ({column.type})")
+        column = column.combine_chunks().field("bytes")
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise ShardError(f"image column holds {column.type}, not encoded image bytes (binary)")
+    return column.to_pylist()
+
+
+def _parquet_row(shard, row_id, image, position, seen, id_column, image_column) -> tuple[str, Payload]:
+    if row_id is None:
+        return f"{shard}/#row-{position}", ShardError(f"'{id_column}' is null in row {position}")
+    key = str(row_id)
+    if key in seen:
+        return f"{shard}/#row-{position}", ShardError(
+            f"'{id_column}' {key!r} repeats (first in row {seen[key]}); ids must be unique"
+        )
+    seen[key] = position
+    if image is None:
+        return f"{shard}/{key}", ShardError(f"'{image_column}' is null")
+    return f"{shard}/{key}", image

@@ -1,0 +1,264 @@
+"""Tar shards (webdataset layout) and Parquet files of image bytes: real files, real pipeline.
+
+The readers are checked directly on hand-made archives (corrupt members, truncation, hostile
+member names), then through ``pipeline.run`` and the CLI, and --resume over shards.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline
+from pipeline.cli import main
+from pipeline.read import InputError
+from pipeline.shards import ShardError, parquet_rows, tar_rows
+
+NOT_AN_IMAGE = b"this is not an image"
+
+
+def _samples(sample_dir: Path) -> list[Path]:
+    return sorted(sample_dir.rglob("*.*"))
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _webdataset(images: list[Path], start: int) -> list[tuple[str, bytes]]:
+    """Members as img2dataset writes them: KEY.jpg|png, KEY.cls (the label), KEY.json."""
+    members = []
+    for i, path in enumerate(images, start):
+        key = f"{i:06d}"
+        members += [
+            (f"{key}{path.suffix}", path.read_bytes()),
+            (f"{key}.cls", path.parent.name.encode()),
+            (f"{key}.json", b'{"source": "%s"}' % path.name.encode()),
+        ]
+    return members
+
+
+def _rows(rows) -> dict[str, bytes | BaseException]:
+    out = {}
+    for path, payload in rows:
+        assert path not in out, f"row {path} twice"
+        out[path] = payload
+    return out
+
+
+# --- the tar reader, directly -----------------------------------------------------------------
+
+
+def test_tar_groups_by_key_and_picks_the_image_member(sample_dir):
+    images = _samples(sample_dir)[:4]
+    members = _webdataset(images, 0) + [
+        ("000000.png", b"second image of sample 000000"),  # not a sample of its own
+        ("000007.seg.png", images[0].read_bytes()),  # extension 'seg.png': a field, not the image
+        ("sub.dir/000008.jpeg", images[1].read_bytes()),  # keys may have directories with dots
+        ("000009.jpg", NOT_AN_IMAGE),  # corrupt data is decode's business, not the reader's
+    ]
+    rows = _rows(tar_rows("s/a.tar", _tar(members)))
+    expected = [f"s/a.tar/{i:06d}{p.suffix}" for i, p in enumerate(images)]
+    assert list(rows) == expected + ["s/a.tar/sub.dir/000008.jpeg", "s/a.tar/000009.jpg"]
+    assert rows[expected[0]] == images[0].read_bytes()
+    assert rows["s/a.tar/000009.jpg"] == NOT_AN_IMAGE
+
+
+def test_tar_member_names_are_never_paths_on_disk(sample_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    image = _samples(sample_dir)[0].read_bytes()
+    hostile = ["../evil.png", "../../evil2.png", "/tmp/evil3.png", "a/../../evil4.png"]
+    rows = _rows(tar_rows("s/h.tar", _tar([(n, image) for n in hostile] + [("ok.png", image)])))
+    assert rows["s/h.tar/ok.png"] == image
+    for name in hostile:
+        err = rows[f"s/h.tar/{name}"]
+        assert isinstance(err, ShardError) and "absolute or contains '..'" in str(err)
+    for written in ("evil.png", "evil2.png", "evil3.png", "evil4.png"):
+        for where in (tmp_path, tmp_path.parent, tmp_path.parent.parent, Path("/tmp")):
+            assert not (where / written).exists()
+
+
+def test_truncated_and_corrupt_tars_keep_what_they_can(sample_dir):
+    data = _tar(_webdataset(_samples(sample_dir)[:6], 0))
+    whole = _rows(tar_rows("s/t.tar", data))
+    assert len(whole) == 6 and not any(isinstance(v, BaseException) for v in whole.values())
+
+    cut = _rows(tar_rows("s/t.tar", data[: len(data) // 2]))  # cut inside a member
+    ok = [p for p, v in cut.items() if isinstance(v, bytes)]
+    assert 0 < len(ok) < 6 and all(cut[p] == whole[p] for p in ok)
+    assert "tar shard unreadable after" in str(cut["s/t.tar"])
+
+    # Cut exactly between two members: tarfile itself would just stop there.
+    offsets = [m.offset for m in tarfile.open(fileobj=io.BytesIO(data))]
+    at_boundary = _rows(tar_rows("s/t.tar", data[: offsets[9]]))
+    assert "without its end marker" in str(at_boundary["s/t.tar"])
+    assert len(at_boundary) == 4  # 3 samples (9 members) read, then the shard's error row
+
+    garbled = bytearray(data)
+    garbled[offsets[6] : offsets[6] + 512] = b"\x7f" * 512  # sample 3's image header
+    rows = _rows(tar_rows("s/t.tar", bytes(garbled)))
+    assert len([v for v in rows.values() if isinstance(v, bytes)]) == 2
+    assert "unreadable tar header" in str(rows["s/t.tar"])
+
+    for junk in (b"", NOT_AN_IMAGE * 100):
+        (only,) = _rows(tar_rows("s/j.tar", junk)).items()
+        assert only[0] == "s/j.tar" and isinstance(only[1], ShardError)
+
+    gz = _rows(tar_rows("s/t.tar.gz", gzip.compress(data)))
+    assert {p.replace(".tar.gz", ".tar"): v for p, v in gz.items()} == whole
+
+
+# --- the Parquet reader, directly -------------------------------------------------------------
+
+
+def _parquet(path: Path, ids: list, images: list, **kwargs) -> Path:
+    table = pa.table({
+        "id": ids, "image": pa.array(images, pa.binary()), "caption": [f"c{i}" for i in range(len(ids))],
+    })
+    pq.write_table(table, path, **kwargs)
+    return path
+
+
+def test_parquet_rows_by_id_with_bad_rows_as_errors(sample_dir, tmp_path):
+    images = [p.read_bytes() for p in _samples(sample_dir)[:6]]
+    ids = ["a", "b", None, "b", "e", "f"]
+    values = images[:4] + [None, NOT_AN_IMAGE]
+    path = _parquet(tmp_path / "x.parquet", ids, values)
+    rows = _rows(parquet_rows("s/x.parquet", path.read_bytes(), "image", "id"))
+    assert list(rows) == ["s/x.parquet/a", "s/x.parquet/b", "s/x.parquet/#row-2", "s/x.parquet/#row-3",
+                          "s/x.parquet/e", "s/x.parquet/f"]
+    assert rows["s/x.parquet/a"] == images[0] and rows["s/x.parquet/f"] == NOT_AN_IMAGE
+    assert "is null in row 2" in str(rows["s/x.parquet/#row-2"])
+    assert "repeats (first in row 1)" in str(rows["s/x.parquet/#row-3"])
+    assert "'image' is null" in str(rows["s/x.parquet/e"])
+
+    (only,) = _rows(parquet_rows("s/x.parquet", path.read_bytes(), "jpg", "id")).items()
+    assert only[0] == "s/x.parquet" and "no column 'jpg'" in str(only[1])
+
+
+def test_parquet_corrupt_row_group_loses_only_its_rows(sample_dir, tmp_path):
+    images = [p.read_bytes() for p in _samples(sample_dir)[:9]]
+    path = _parquet(tmp_path / "g.parquet", [f"r{i}" for i in range(9)], images, row_group_size=3)
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(1)  # group 1's image column
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset : chunk.data_page_offset + 16] = b"\xff" * 16  # its page header
+    rows = _rows(parquet_rows("s/g.parquet", bytes(data), "image", "id"))
+    assert [p for p, v in rows.items() if isinstance(v, bytes)] == [
+        f"s/g.parquet/r{i}" for i in (0, 1, 2, 6, 7, 8)
+    ]
+    assert "row group 1 unreadable" in str(rows["s/g.parquet/#row-group-1"])
+
+
+def test_parquet_hugging_face_image_struct(sample_dir, tmp_path):
+    image = _samples(sample_dir)[0].read_bytes()
+    struct = pa.array([{"bytes": image, "path": "x.png"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"id": [7], "image": struct}), tmp_path / "hf.parquet")
+    rows = _rows(parquet_rows("s/hf.parquet", (tmp_path / "hf.parquet").read_bytes(), "image", "id"))
+    assert rows == {"s/hf.parquet/7": image}
+
+
+# --- through the pipeline ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tar_shards(sample_dir, tmp_path_factory) -> Path:
+    """3 tar shards of the 40 samples (one gzipped) + a corrupt member, a truncated shard and a
+    non-tar file named .tar; README.txt is skipped by extension."""
+    root = tmp_path_factory.mktemp("tars")
+    images = _samples(sample_dir)
+    (root / "shard-000.tar").write_bytes(_tar(_webdataset(images[:20], 0) + [("000099.jpg", NOT_AN_IMAGE)]))
+    (root / "shard-001.tar.gz").write_bytes(gzip.compress(_tar(_webdataset(images[20:35], 20))))
+    data = _tar(_webdataset(images[35:], 35))
+    fourth_image = list(tarfile.open(fileobj=io.BytesIO(data)))[9]
+    (root / "shard-002.tar").write_bytes(data[: fourth_image.offset_data + 10])  # cut in transit
+    (root / "shard-003.tar").write_bytes(NOT_AN_IMAGE)
+    (root / "README.txt").write_text("skipped")
+    return root
+
+
+def test_tar_shards_through_the_pipeline(ray_local, tar_shards, sample_dir, tmp_path):
+    out = tmp_path / "out"
+    summary = pipeline.run(str(tar_shards), str(out), input_format="tar", rows_per_file=16)
+    rows = pq.read_table(out).to_pylist()
+    by_path = {r["path"]: r for r in rows}
+    assert len(by_path) == len(rows) == summary.rows_ok + summary.rows_error
+    assert summary.skipped == {"not a tar shard extension": 1}
+
+    images = _samples(sample_dir)
+    shard0 = [f"{tar_shards}/shard-000.tar/{i:06d}{p.suffix}" for i, p in enumerate(images[:20])]
+    shard1 = [f"{tar_shards}/shard-001.tar.gz/{i:06d}{p.suffix}" for i, p in enumerate(images[20:35], 20)]
+    for path, image in zip(shard0 + shard1, images[:35]):
+        assert by_path[path]["status"] == "ok"
+    right = sum(by_path[p]["label_name"] == img.parent.name for p, img in zip(shard0 + shard1, images))
+    assert right >= 33, f"{right}/35"
+    assert "not a recognised image format" in by_path[f"{tar_shards}/shard-000.tar/000099.jpg"]["error"]
+    cut = sorted(p for p in by_path if p.startswith(f"{tar_shards}/shard-002.tar/"))
+    assert [by_path[p]["status"] for p in cut] == ["ok", "ok", "ok", "error"]
+    assert "'000038.jpg' is truncated" in by_path[cut[-1]]["error"]
+    assert "unreadable after 4 image members" in by_path[f"{tar_shards}/shard-002.tar"]["error"]
+    assert by_path[f"{tar_shards}/shard-003.tar"]["status"] == "error"
+    assert summary.rows_ok == 35 + 3
+    assert summary.rows_error == 4  # corrupt member, cut member, cut shard, not-a-tar shard
+
+
+def test_tar_resume_gives_each_row_exactly_once(ray_local, tar_shards, tmp_path):
+    out = tmp_path / "out"
+    first = pipeline.run(str(tar_shards), str(out), input_format="tar", rows_per_file=7)
+    total = first.rows_ok + first.rows_error
+    parts = sorted(out.glob("part-*.parquet"))
+    kept = sum(pq.read_metadata(p).num_rows for p in parts[::2])
+    for lost in parts[1::2]:  # as if the run had died before committing these
+        lost.unlink()
+    again = pipeline.run(str(tar_shards), str(out), input_format="tar", resume=True)
+    paths = pq.read_table(out, columns=["path"]).column("path").to_pylist()
+    assert len(paths) == total and not [p for p, n in Counter(paths).items() if n > 1]
+    assert again.rows_resumed == kept and again.rows_ok + again.rows_error == total
+
+
+def test_parquet_files_through_the_cli(ray_local, sample_dir, tmp_path, capsys):
+    images = _samples(sample_dir)
+    src = tmp_path / "pq"
+    src.mkdir()
+    for n, chunk in enumerate((images[:25], images[25:])):
+        table = pa.table({
+            "key": [f"{n}-{i:03d}" for i in range(len(chunk))],
+            "jpg": pa.array([p.read_bytes() for p in chunk], pa.binary()),
+            "label": [int(p.parent.name) for p in chunk],
+        })
+        pq.write_table(table, src / f"part-{n}.parquet", row_group_size=10)
+    (src / "part-2.parquet").write_bytes(NOT_AN_IMAGE)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(src), "--output", str(out), "--input-format", "parquet",
+            "--no-progress"]
+    assert main(argv) == 2  # default column names: one clear line before any work
+    assert "has no column 'image' or 'id'" in capsys.readouterr().err
+    assert main([*argv, "--image-column", "jpg", "--id-column", "key"]) == 0
+    assert "rows: 41 (40 ok, 1 error)" in capsys.readouterr().out
+    rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    for n, chunk in enumerate((images[:25], images[25:])):
+        for i, image in enumerate(chunk):
+            assert rows[f"{src}/part-{n}.parquet/{n}-{i:03d}"]["status"] == "ok"
+    assert rows[f"{src}/part-2.parquet"]["status"] == "error"
+    # Other ids would be other rows: resuming with another id column is refused.
+    assert main([*argv, "--image-column", "jpg", "--id-column", "label", "--resume"]) == 2
+    assert "it was read as" in capsys.readouterr().err
+
+
+def test_wrong_format_says_what_it_found(ray_local, tar_shards, tmp_path):
+    with pytest.raises(InputError, match=r"holds no images \(5 files, none with an image extension\)"):
+        pipeline.run(str(tar_shards), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out" / "_manifest.json")
