@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import COMPILES
 
 import pipeline
 from pipeline.cli import main
@@ -27,34 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSIFIER = "examples.color_classifier.color_model:build"
 EMBEDDER = "examples.color_classifier.color_model:build_embedder"
 SAMPLES = 48  # 8 per colour
-
-
-class CompileCounter:
-    """Counts XLA backend compilations while the process runs."""
-
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
-COMPILES = CompileCounter()
-
-
-@pytest.fixture(scope="module")
-def own_ray():
-    """A 2-CPU loopback Ray of this module's own. address="local": a plain ray.init() joins any
-    `ray start` head on the machine (other test modules start some)."""
-    import ray
-
-    ray.shutdown()
-    ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024**2,
-             include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +80,7 @@ def test_example_through_the_cli_with_logits(colors, tmp_path):
     assert sum(n for _, n in counts) == SAMPLES
 
 
-def test_embeddings_parquet_duckdb_and_per_row_errors(own_ray, colors, tmp_path):
+def test_embeddings_parquet_duckdb_and_per_row_errors(ray_local, colors, tmp_path):
     src = tmp_path / "in"
     shutil.copytree(colors["images"], src)
     (src / "red" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
@@ -165,7 +138,7 @@ def test_one_compile_per_actor_and_padding(colors):
     np.testing.assert_allclose(np.concatenate(outputs), one_by_one, atol=1e-4)
 
 
-def test_resume_keeps_rows_and_refuses_a_changed_model(own_ray, colors, tmp_path):
+def test_resume_keeps_rows_and_refuses_a_changed_model(ray_local, colors, tmp_path):
     out = tmp_path / "out"
     opts = dict(model_fn=CLASSIFIER, model=str(colors["model"]), rows_per_file=12)
     pipeline.run(str(colors["images"]), str(out), **opts)

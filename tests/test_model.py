@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 
-import jax
 import numpy as np
 import pytest
+from conftest import COMPILES, digit_images
 
-from conftest import digit_images
 from pipeline import digits
 from pipeline.decode import decode_image
 from pipeline.infer import BatchRunner, Predictor
@@ -20,21 +19,6 @@ from pipeline.models import digits_cnn
 @pytest.fixture(scope="module")
 def model():
     return load_model()
-
-
-class CompileCounter:
-    """Counts XLA backend compilations while active."""
-
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
-COMPILES = CompileCounter()
 
 
 def test_param_shapes_and_count(model):
