@@ -54,7 +54,9 @@ class RunConfig:
         if self.compute_dtype not in ("float32", "bfloat16"):
             problems.append(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         if self.input_format not in INPUT_FORMATS:
-            problems.append(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+            problems.append(
+                f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}"
+            )
         if self.overwrite and self.resume:
             problems.append("overwrite and resume cannot both be set")
         if problems:

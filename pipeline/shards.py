@@ -71,7 +71,8 @@ class Source:
     def describe(self) -> dict[str, str]:
         """What decides the row ids: recorded in the manifest, checked on --resume."""
         if self.format == "parquet":
-            return {"format": self.format, "image_column": self.image_column, "id_column": self.id_column}
+            columns = {"image_column": self.image_column, "id_column": self.id_column}
+            return {"format": self.format, **columns}
         return {"format": self.format}
 
     def list(self, src: str) -> Listing:
@@ -80,7 +81,7 @@ class Source:
             return list_images(src)
         if self.format == "tar":
             return list_files(src, _is_tar_name, "a tar shard", "tar shards")
-        listing = list_files(src, lambda p: p.lower().endswith(".parquet"), "a Parquet", "Parquet files")
+        listing = list_files(src, _is_parquet_name, "a Parquet", "Parquet files")
         self._check_columns(listing.paths[0])
         return listing
 
@@ -112,7 +113,9 @@ class Source:
             for u in units
         ]
 
-    def decode(self, batch: dict[str, np.ndarray], spec: ModelSpec, max_pixels: int) -> Iterator[dict]:
+    def decode(
+        self, batch: dict[str, np.ndarray], spec: ModelSpec, max_pixels: int
+    ) -> Iterator[dict]:
         """Decode one block (a Ray task): yields batches of ``decode_rows`` columns."""
         if not self.sharded:
             yield decode_rows(list(batch["path"]), load_bytes, spec, max_pixels)
@@ -163,6 +166,10 @@ class Source:
 
 def _is_tar_name(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
+
+
+def _is_parquet_name(path: str) -> bool:
+    return path.lower().endswith(".parquet")
 
 
 def _shard_of(row: str, shards) -> str | None:
@@ -230,7 +237,9 @@ def tar_rows(shard: str, data: bytes) -> Iterator[tuple[str, Payload]]:
                 members += 1
                 row = f"{shard}/{name}"
                 if _unsafe_name(name):
-                    yield row, ShardError(f"member name '{name}' is absolute or contains '..'; not read")
+                    yield row, ShardError(
+                        f"member name '{name}' is absolute or contains '..'; not read"
+                    )
                     continue
                 try:
                     yield row, tar.extractfile(member).read()
@@ -265,13 +274,17 @@ def _check_end(tar: tarfile.TarFile) -> None:
     if any(rest):
         raise ShardError(f"unreadable tar header at byte {tar.offset}; the rest is lost")
     if len(rest) < 2 * tarfile.BLOCKSIZE:
-        raise ShardError(f"archive ends at byte {tar.offset + len(rest)} without its end marker (truncated?)")
+        raise ShardError(
+            f"archive ends at byte {tar.offset + len(rest)} without its end marker (truncated?)"
+        )
 
 
 # --- Parquet ---------------------------------------------------------------------------------
 
 
-def parquet_rows(shard: str, data: bytes, image_column: str, id_column: str) -> Iterator[tuple[str, Payload]]:
+def parquet_rows(
+    shard: str, data: bytes, image_column: str, id_column: str
+) -> Iterator[tuple[str, Payload]]:
     """(row path, image bytes or error) for each row of a Parquet file, row group by row group."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -281,7 +294,9 @@ def parquet_rows(shard: str, data: bytes, image_column: str, id_column: str) -> 
         names = pf.schema_arrow.names
         missing = [c for c in (image_column, id_column) if c not in names]
         if missing:
-            raise ShardError(f"no column {' or '.join(map(repr, missing))} (it has {', '.join(names)})")
+            raise ShardError(
+                f"no column {' or '.join(map(repr, missing))} (it has {', '.join(names)})"
+            )
     except Exception as e:  # not Parquet, or not ours: the file is one error row
         yield shard, ShardError(f"Parquet file unreadable: {e}")
         return
@@ -313,7 +328,9 @@ def _image_values(column) -> list:
     return column.to_pylist()
 
 
-def _parquet_row(shard, row_id, image, position, seen, id_column, image_column) -> tuple[str, Payload]:
+def _parquet_row(
+    shard, row_id, image, position, seen, id_column, image_column
+) -> tuple[str, Payload]:
     if row_id is None:
         return f"{shard}/#row-{position}", ShardError(f"'{id_column}' is null in row {position}")
     key = str(row_id)

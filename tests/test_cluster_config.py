@@ -63,9 +63,8 @@ def test_cluster_has_cpu_head_and_autoscaling_gpu_workers(cluster):
 def test_cluster_installs_this_package(cluster):
     mounted = {remote: local for remote, local in cluster["file_mounts"].items()}
     repo_on_node = next(remote for remote, local in mounted.items() if local == ".")
-    assert any(
-        cmd.startswith("pip install") and repo_on_node in cmd for cmd in cluster["head_setup_commands"]
-    )
+    head_setup = cluster["head_setup_commands"]
+    assert any(cmd.startswith("pip install") and repo_on_node in cmd for cmd in head_setup)
     assert any(
         f"{repo_on_node}[gpu]" in cmd for cmd in cluster["worker_setup_commands"]
     ), "GPU workers need the CUDA build of jaxlib"
@@ -80,7 +79,8 @@ def test_rayjob_runs_the_job_entrypoint_on_gpu_workers(rayjob):
     assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
     spec = rayjob["spec"]
     cfg = _job_config(spec["entrypoint"])
-    assert cfg.gpus_per_actor == 1 and cfg.input.startswith("s3://") and cfg.output.startswith("s3://")
+    assert cfg.gpus_per_actor == 1
+    assert cfg.input.startswith("s3://") and cfg.output.startswith("s3://")
     assert spec["shutdownAfterJobFinishes"] is True
 
     cluster = spec["rayClusterSpec"]
@@ -92,7 +92,8 @@ def test_rayjob_runs_the_job_entrypoint_on_gpu_workers(rayjob):
     limits, requests = worker["resources"]["limits"], worker["resources"]["requests"]
     assert int(limits["nvidia.com/gpu"]) == 1 == int(requests["nvidia.com/gpu"])
     assert any(t["key"] == "nvidia.com/gpu" for t in worker_pod["tolerations"])
-    assert group["minReplicas"] == 0 and cfg.actors <= group["maxReplicas"] * int(limits["nvidia.com/gpu"])
+    assert group["minReplicas"] == 0
+    assert cfg.actors <= group["maxReplicas"] * int(limits["nvidia.com/gpu"])
     assert cluster["enableInTreeAutoscaling"] is True
 
 
@@ -103,11 +104,11 @@ def test_rayjob_image_is_the_one_the_dockerfile_builds(rayjob):
     images |= {g["template"]["spec"]["containers"][0]["image"] for g in cluster["workerGroupSpecs"]}
     assert len(images) == 1 and images.pop().split("/")[-1].startswith("batch-infer:")
     dockerfile = (REPO / "k8s" / "Dockerfile").read_text()
-    base = re.search(r"^FROM rayproject/ray:(\S+)", dockerfile, re.M).group(1)
+    base = re.search(r"^FROM rayproject/ray:(\S+)", dockerfile, re.MULTILINE).group(1)
     assert base.startswith(cluster["rayVersion"] + "-") and base.endswith("-gpu")
-    workdir = re.search(r"^WORKDIR (\S+)", dockerfile, re.M).group(1)
+    workdir = re.search(r"^WORKDIR (\S+)", dockerfile, re.MULTILINE).group(1)
     assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == workdir
-    for line in re.findall(r"^COPY .*$", dockerfile, re.M):
+    for line in re.findall(r"^COPY .*$", dockerfile, re.MULTILINE):
         *sources, _dest = [w for w in line.split()[1:] if not w.startswith("--")]
         for copied in sources:
             assert (REPO / copied).exists(), f"Dockerfile copies missing {copied}"

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import label_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,19 +53,21 @@ def ray_head(tmp_path_factory):
     cmd = [
         *RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
         "--num-cpus=2", "--object-store-memory=200000000", f"--temp-dir={tmp / 'ray'}",
     ]
-    log = open(tmp / "head.log", "wb")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
-    try:
-        _wait_for_dashboard(url, head, tmp / "head.log")
-        yield url, env
-    finally:
-        _stop(head)
-        log.close()
+    with open(tmp / "head.log", "wb") as log:
+        head = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            _wait_for_dashboard(url, head, tmp / "head.log")
+            yield url, env
+        finally:
+            _stop(head)
 
 
 def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout: float = 90) -> None:
@@ -100,7 +101,8 @@ def _stop(head: subprocess.Popen) -> None:
 
 def _ray_job(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*RAY, "job", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [*RAY, "job", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        check=False,
     )
 
 

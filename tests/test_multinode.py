@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import label_of
 
 import pipeline
-from conftest import label_of
 from pipeline.models import digits_cnn
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -61,7 +61,8 @@ def gpu_cluster(tmp_path_factory):
         mp.setenv("RAY_TMPDIR", ray_tmp)
         # Worker processes inherit the environment of the raylets started here: that is how
         # the factory above gets imported in the actors and finds where to write.
-        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")])))
+        path = os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")]))
+        mp.setenv("PYTHONPATH", path)
         mp.setenv(RECORD_ENV, str(records))
         node_args = {"node_ip_address": "127.0.0.1", "object_store_memory": 150 * 1024**2}
         cluster = Cluster(

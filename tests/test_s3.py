@@ -8,14 +8,13 @@ settings (runtime_env), as it must on a cluster whose nodes were started elsewhe
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from conftest import label_of
 
 import pipeline
-from conftest import label_of
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +66,8 @@ def test_s3_images_to_s3_parquet(s3, sample_dir):
 
     names = {i.base_name for i in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/out"))}
     assert {"_manifest.json", "_summary.json"} <= names
-    assert len([n for n in names if n.startswith("part-")]) == 3 and not any(n.startswith("_tmp") for n in names)
+    assert len([n for n in names if n.startswith("part-")]) == 3
+    assert not any(n.startswith("_tmp") for n in names)
 
     rows = pq.read_table(f"{BUCKET}/out", filesystem=s3).to_pylist()
     assert len(rows) == 41

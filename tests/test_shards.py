@@ -103,7 +103,8 @@ def test_truncated_and_corrupt_tars_keep_what_they_can(sample_dir):
     assert "tar shard unreadable after" in str(cut["s/t.tar"])
 
     # Cut exactly between two members: tarfile itself would just stop there.
-    offsets = [m.offset for m in tarfile.open(fileobj=io.BytesIO(data))]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        offsets = [m.offset for m in tar]
     at_boundary = _rows(tar_rows("s/t.tar", data[: offsets[9]]))
     assert "without its end marker" in str(at_boundary["s/t.tar"])
     assert len(at_boundary) == 4  # 3 samples (9 members) read, then the shard's error row
@@ -127,7 +128,9 @@ def test_truncated_and_corrupt_tars_keep_what_they_can(sample_dir):
 
 def _parquet(path: Path, ids: list, images: list, **kwargs) -> Path:
     table = pa.table({
-        "id": ids, "image": pa.array(images, pa.binary()), "caption": [f"c{i}" for i in range(len(ids))],
+        "id": ids,
+        "image": pa.array(images, pa.binary()),
+        "caption": [f"c{i}" for i in range(len(ids))],
     })
     pq.write_table(table, path, **kwargs)
     return path
@@ -139,8 +142,8 @@ def test_parquet_rows_by_id_with_bad_rows_as_errors(sample_dir, tmp_path):
     values = images[:4] + [None, NOT_AN_IMAGE]
     path = _parquet(tmp_path / "x.parquet", ids, values)
     rows = _rows(parquet_rows("s/x.parquet", path.read_bytes(), "image", "id"))
-    assert list(rows) == ["s/x.parquet/a", "s/x.parquet/b", "s/x.parquet/#row-2", "s/x.parquet/#row-3",
-                          "s/x.parquet/e", "s/x.parquet/f"]
+    tails = ("a", "b", "#row-2", "#row-3", "e", "f")
+    assert list(rows) == [f"s/x.parquet/{tail}" for tail in tails]
     assert rows["s/x.parquet/a"] == images[0] and rows["s/x.parquet/f"] == NOT_AN_IMAGE
     assert "is null in row 2" in str(rows["s/x.parquet/#row-2"])
     assert "repeats (first in row 1)" in str(rows["s/x.parquet/#row-3"])
@@ -165,9 +168,11 @@ def test_parquet_corrupt_row_group_loses_only_its_rows(sample_dir, tmp_path):
 
 def test_parquet_hugging_face_image_struct(sample_dir, tmp_path):
     image = _samples(sample_dir)[0].read_bytes()
-    struct = pa.array([{"bytes": image, "path": "x.png"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    hf_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    struct = pa.array([{"bytes": image, "path": "x.png"}], hf_type)
     pq.write_table(pa.table({"id": [7], "image": struct}), tmp_path / "hf.parquet")
-    rows = _rows(parquet_rows("s/hf.parquet", (tmp_path / "hf.parquet").read_bytes(), "image", "id"))
+    data = (tmp_path / "hf.parquet").read_bytes()
+    rows = _rows(parquet_rows("s/hf.parquet", data, "image", "id"))
     assert rows == {"s/hf.parquet/7": image}
 
 
@@ -180,10 +185,12 @@ def tar_shards(sample_dir, tmp_path_factory) -> Path:
     non-tar file named .tar; README.txt is skipped by extension."""
     root = tmp_path_factory.mktemp("tars")
     images = _samples(sample_dir)
-    (root / "shard-000.tar").write_bytes(_tar(_webdataset(images[:20], 0) + [("000099.jpg", NOT_AN_IMAGE)]))
+    corrupt = [("000099.jpg", NOT_AN_IMAGE)]
+    (root / "shard-000.tar").write_bytes(_tar(_webdataset(images[:20], 0) + corrupt))
     (root / "shard-001.tar.gz").write_bytes(gzip.compress(_tar(_webdataset(images[20:35], 20))))
     data = _tar(_webdataset(images[35:], 35))
-    fourth_image = list(tarfile.open(fileobj=io.BytesIO(data)))[9]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        fourth_image = tar.getmembers()[9]
     (root / "shard-002.tar").write_bytes(data[: fourth_image.offset_data + 10])  # cut in transit
     (root / "shard-003.tar").write_bytes(NOT_AN_IMAGE)
     (root / "README.txt").write_text("skipped")
@@ -200,12 +207,15 @@ def test_tar_shards_through_the_pipeline(ray_local, tar_shards, sample_dir, tmp_
 
     images = _samples(sample_dir)
     shard0 = [f"{tar_shards}/shard-000.tar/{i:06d}{p.suffix}" for i, p in enumerate(images[:20])]
-    shard1 = [f"{tar_shards}/shard-001.tar.gz/{i:06d}{p.suffix}" for i, p in enumerate(images[20:35], 20)]
+    shard1 = [
+        f"{tar_shards}/shard-001.tar.gz/{i:06d}{p.suffix}" for i, p in enumerate(images[20:35], 20)
+    ]
     for path, image in zip(shard0 + shard1, images[:35]):
         assert by_path[path]["status"] == "ok"
-    right = sum(by_path[p]["label_name"] == img.parent.name for p, img in zip(shard0 + shard1, images))
+    right = sum(by_path[p]["label_name"] == i.parent.name for p, i in zip(shard0 + shard1, images))
     assert right >= 33, f"{right}/35"
-    assert "not a recognised image format" in by_path[f"{tar_shards}/shard-000.tar/000099.jpg"]["error"]
+    corrupt = by_path[f"{tar_shards}/shard-000.tar/000099.jpg"]
+    assert "not a recognised image format" in corrupt["error"]
     cut = sorted(p for p in by_path if p.startswith(f"{tar_shards}/shard-002.tar/"))
     assert [by_path[p]["status"] for p in cut] == ["ok", "ok", "ok", "error"]
     assert "'000038.jpg' is truncated" in by_path[cut[-1]]["error"]
@@ -259,6 +269,7 @@ def test_parquet_files_through_the_cli(ray_local, sample_dir, tmp_path, capsys):
 
 
 def test_wrong_format_says_what_it_found(ray_local, tar_shards, tmp_path):
-    with pytest.raises(InputError, match=r"holds no images \(5 files, none with an image extension\)"):
+    found = r"holds no images \(5 files, none with an image extension\)"
+    with pytest.raises(InputError, match=found):
         pipeline.run(str(tar_shards), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "_manifest.json")
