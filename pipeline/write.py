@@ -2,15 +2,20 @@
 
 The driver is the single writer. Rows stream in from the actors, are buffered, and each full
 buffer becomes ``part-NNNNN-<run>.parquet``: written under a temporary ``_tmp-*`` name and then
-renamed, so a half-written file is never visible as a result (readers skip ``_``-prefixed
-names). ``_manifest.json`` records the input listing and model fingerprint; ``--resume`` reads
+renamed, so a half-written file is never visible as a result (pyarrow skips ``_`` names, and
+the temporary does not end in ``.parquet``, so ``*.parquet`` globs skip it too).
+``_manifest.json`` records the input listing and model fingerprint; ``--resume`` reads
 the ``path`` column of the committed parts and skips those inputs.
 
-Why not Ray Data's ``write_parquet`` + ``CheckpointConfig``: the checkpoint API is beta, needs
-a write as the last operator (so the commit point is spread over many tasks and a killed
-writer can leave partial files behind), and keeps no record of which model made the rows. One
-writer in the driver makes the commit point a single rename; the rows are small (a prediction,
-not an image), so this is not a bottleneck.
+Why not Ray Data's ``write_parquet`` + ``CheckpointConfig`` (read in Ray 2.60, where it is
+beta): it only switches on for a plan that starts with a Ray read and ends with a Ray write
+(otherwise it warns and does nothing); the datasink writes each part straight to its final name
+and deletes the parts of uncommitted checkpoints only when the next run restores, so after a
+crash readers of the output can see partial or orphaned files; a restore loads every finished
+id into memory and still reads every input file, filtering after the read; and it records
+nothing about the model, so resuming with other weights would silently mix their rows. One
+writer in the driver makes the commit point a single rename, and the manifest refuses a
+different model; the rows are small (a prediction, not an image), so this is not a bottleneck.
 """
 
 from __future__ import annotations
@@ -135,6 +140,13 @@ class OutputDir:
             if e.base_name.startswith((PART_PREFIX, "_tmp-")) or e.base_name in (MANIFEST, SUMMARY):
                 self.fs.delete_file(e.path)
 
+    def remove_temporaries(self) -> None:
+        """Delete ``_tmp-*`` files: what a killed run was writing when it died."""
+        for e in self.entries():
+            if e.base_name.startswith("_tmp-"):
+                log.info("Removing '%s', left by an interrupted run", e.path)
+                self.fs.delete_file(e.path)
+
     def read_json(self, name: str) -> dict | None:
         try:
             with self.fs.open_input_stream(self._path(name)) as f:
@@ -158,7 +170,9 @@ class OutputDir:
             with self.fs.open_output_stream(self._path(name)) as f:
                 f.write(data)
             return
-        tmp = self._path(f"_tmp-{uuid.uuid4().hex}-{name}")
+        # Not ending in .parquet: DuckDB's 'dir/*.parquet' skips no '_' names, and would trip
+        # on a half-written temporary left by a killed run.
+        tmp = self._path(f"_tmp-{name}.{uuid.uuid4().hex}")
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, self._path(name))
@@ -186,6 +200,7 @@ class ResultWriter:
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.run_id = uuid.uuid4().hex[:8]
+        out.remove_temporaries()  # one writer per output: any temporary is a dead run's
         self.seq = len(out.parts())
         self.counts = {"ok": 0, "error": 0, "duplicate_dropped": 0}
         self.seconds = 0.0

@@ -18,13 +18,13 @@ import threading
 import time
 from pathlib import Path
 
+import poison_model
 import pyarrow.parquet as pq
 import pytest
+from conftest import label_of
 from PIL import Image
 
 import pipeline
-import poison_model
-from conftest import label_of
 from pipeline.digits import write_samples
 
 PREDICTOR = "MapWorker(MapBatches(Predictor))"  # the actor class Ray Data makes of ours
@@ -117,7 +117,7 @@ class Injector(threading.Thread):
     def run(self):
         try:
             self.result = self.inject()
-        except BaseException as e:  # handed to the test, which re-raises it
+        except BaseException as e:  # noqa: BLE001 - handed to the test, which re-raises it
             self.error = e
 
     def outcome(self):
@@ -194,14 +194,31 @@ def kill_node(cluster, node) -> list[int]:
     """What a machine failure does: every process of the node dies at once (its raylet and the
     workers and actors it started), then the cluster drops the node. Returns the pids killed.
     (``remove_node`` alone kills the raylet but leaves its workers running for a while.)"""
-    import psutil
-
-    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-    victims = [*raylet.children(recursive=True), raylet]
-    for process in victims:
-        process.kill()
+    victims = descendants(node.all_processes["raylet"][0].process.pid)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     cluster.remove_node(node, allow_graceful=False)
-    return [p.pid for p in victims]
+    return victims
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
 
 
 @pytest.mark.slow

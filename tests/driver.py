@@ -1,0 +1,71 @@
+"""Run ``batch-infer`` in a subprocess with a local Ray of its own, and clean up after it.
+
+Its Ray lives in a private ``RAY_TMPDIR``: it joins no other Ray on this machine (a plain
+``ray.init()`` would join whatever ``ray start`` or ``Cluster()`` recorded in the shared one),
+and every process it starts can be found by that variable and killed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import poison_model
+
+# As root, file permissions do not bind; without these capabilities they do, as for any user.
+DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def can_drop_root_file_access() -> bool:
+    return os.geteuid() == 0 and shutil.which("setpriv") is not None
+
+
+class Driver:
+    """``batch-infer`` in a subprocess with a Ray of its own."""
+
+    def __init__(self, args: list, cwd: Path | None = None, drop_root_file_access: bool = False):
+        """Start ``batch-infer ARGS``; tests/ is importable (``--model-fn poison_model:build``).
+        ``drop_root_file_access``: as root, run without the capabilities that ignore file
+        permissions (when ``setpriv`` is there)."""
+        self.ray_tmp = tempfile.mkdtemp(prefix="bi-cli-", dir="/tmp")  # short: socket paths
+        env = poison_model.worker_env()
+        env.pop("RAY_ADDRESS", None)
+        env["RAY_TMPDIR"] = self.ray_tmp
+        cmd = [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+        if drop_root_file_access and can_drop_root_file_access():
+            cmd = DROP_DAC + cmd
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )
+
+    def wait(self, timeout: float = 240) -> subprocess.CompletedProcess:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        finally:
+            self.cleanup()
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+    def kill(self) -> None:
+        """SIGKILL the driver alone, as a crash or an OOM kill would; then stop its Ray."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.communicate(timeout=60)
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Kill what is left of this driver's Ray. Its daemons and workers inherited the
+        private RAY_TMPDIR (workers leave the process group and rename themselves, so neither
+        the group nor the command line finds them all; the environment does)."""
+        mark = f"RAY_TMPDIR={self.ray_tmp}".encode()
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if mark in (proc / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:  # gone already
+                pass
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)

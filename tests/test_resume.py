@@ -1,0 +1,177 @@
+"""A killed driver, then ``--resume``: every input gets exactly one row, rows already committed
+are not computed again, half-written files are never seen as results, and nothing is written
+outside the output directory.
+
+The driver is the real ``batch-infer run`` in a subprocess with its own local Ray (kept in a
+private ``RAY_TMPDIR``, so it joins no other Ray on this machine and all of its processes can
+be found and killed). The model is ``tests/poison_model.py`` without faults: it records every
+call, so the test can count the images the model saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import duckdb
+import poison_model
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from driver import Driver
+
+import pipeline
+from pipeline.config import RunConfig
+from pipeline.digits import write_samples
+from pipeline.model import load_model
+from pipeline.read import list_images
+from pipeline.runner import prepare_output
+from pipeline.write import OutputDir, OutputError, ResultWriter
+
+IMAGES = 200
+BATCH = 8
+
+
+def wait_until(condition, what: str, driver: Driver, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if driver.proc.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {driver.proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def committed_rows(out: Path) -> list[str]:
+    """Paths in the committed parts, after checking that every file a reader would pick up
+    (pyarrow's directory read, DuckDB's '*.parquet' glob) reads in full."""
+    parts = sorted(out.glob("*.parquet"))
+    assert all(p.name.startswith("part-") for p in parts), [p.name for p in parts]
+    paths = [row for p in parts for row in pq.read_table(p).column("path").to_pylist()]
+    if parts:
+        assert pq.read_table(out).num_rows == len(paths)
+        count = duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall()[0][0]
+        assert count == len(paths)
+    assert len(paths) == len(set(paths)), "a row was committed twice"
+    return paths
+
+
+def snapshot(root: Path, skip: Path) -> dict[str, tuple]:
+    """Every file and directory under ``root`` except ``skip``: size, mtime and content hash."""
+    seen = {}
+    for p in sorted(root.rglob("*")):
+        if p == skip or skip in p.parents:
+            continue
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+        seen[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+    return seen
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_exactly_once_and_writes_only_its_output(tmp_path):
+    sandbox = tmp_path / "sandbox"  # what the run may read but must not change
+    src, out, cwd = sandbox / "images", sandbox / "out", sandbox / "cwd"
+    cwd.mkdir(parents=True)
+    write_samples(src, IMAGES, seed=5)
+    calls = tmp_path / "calls"  # the test model's own record, outside the sandbox
+    options = poison_model.write_options(tmp_path / "model.json", calls=str(calls), delay=0.1)
+    run = ["run", "--input", src, "--output", out, "--model-fn", "poison_model:build",
+           "--model", options, "--batch-size", BATCH, "--rows-per-file", 16, "--actors", 1,
+           "--no-progress"]
+    before = snapshot(sandbox, skip=out)
+
+    # 1. Killed after the manifest is written, before any row is committed.
+    driver = Driver(run, cwd)
+    wait_until(lambda: (out / "_manifest.json").exists(), "the manifest", driver)
+    driver.kill()
+    assert committed_rows(out) == []
+
+    # 2. Resumed, and killed again once some part files are committed.
+    driver = Driver([*run, "--resume"], cwd)
+    wait_until(lambda: len(list(out.glob("part-*.parquet"))) >= 2, "two part files", driver)
+    driver.kill()
+    done = committed_rows(out)
+    assert 32 <= len(done) < IMAGES
+    calls.rename(tmp_path / "calls_before")
+
+    # 3. Resumed to the end: only the rest is computed.
+    result = Driver([*run, "--resume"], cwd).wait()
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = pq.read_table(out).to_pylist()
+    assert sorted(committed_rows(out)) == sorted(str(p) for p in src.rglob("*.*"))
+    assert all(r["status"] == "ok" for r in rows)
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["completed"] and summary["rows_resumed"] == len(done)
+    assert summary["rows_ok"] == IMAGES
+    seen = poison_model.read_calls(calls)
+    assert sum(c.images for c in seen) == IMAGES - len(done)  # committed rows were not redone
+    assert len(seen) < IMAGES / BATCH  # fewer model calls than a full run makes
+    assert f"{len(done)} from an earlier run" in result.stdout
+
+    # 4. Resuming a finished run computes nothing.
+    calls.unlink()
+    result = Driver([*run, "--resume"], cwd).wait()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "_summary.json").read_text())["rows_resumed"] == IMAGES
+    assert poison_model.read_calls(calls) == []
+
+    # Nothing outside the output changed; inside it, only our own files.
+    assert snapshot(sandbox, skip=out) == before
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if not n.startswith("part-")] == ["_manifest.json", "_summary.json"]
+    assert all(n.endswith(".parquet") for n in names if n.startswith("part-"))
+
+
+def test_resume_refuses_another_model_listing_or_options(ray_local, tmp_path):
+    src, out = tmp_path / "images", tmp_path / "out"
+    write_samples(src, 6, seed=2)
+    pipeline.run(str(src), str(out), progress=False)
+    with pytest.raises(OutputError, match=r"its rows were made by model \w+, this run uses \w+"):
+        pipeline.run(str(src), str(out), resume=True, model_fn="poison_model:build")
+    with pytest.raises(OutputError, match=r"top_k=5, this run asks for top_k=3"):
+        pipeline.run(str(src), str(out), resume=True, top_k=3)
+    shutil.copy(next(src.rglob("*.png")), src / "new.png")
+    with pytest.raises(OutputError, match=r"input listing changed .*6 images then, 7 now"):
+        pipeline.run(str(src), str(out), resume=True)
+    assert pq.read_table(out).num_rows == 6  # refused before touching anything
+
+
+def test_resume_refusal_through_the_cli(tmp_path):
+    """The user sees one line naming both models and exit status 2, before any Ray starts."""
+    src, out = tmp_path / "images", tmp_path / "out"
+    write_samples(src, 3, seed=2)
+    cfg = RunConfig(input=str(src), output=str(out))
+    bundled = load_model()
+    prepare_output(OutputDir(str(out)), cfg, list_images(str(src)), bundled)  # as a run begins
+    options = poison_model.write_options(tmp_path / "model.json")
+    result = Driver(["run", "--input", src, "--output", out, "--resume",
+                     "--model-fn", "poison_model:build", "--model", options], tmp_path).wait(120)
+    assert result.returncode == 2
+    other = pipeline.load_model(options, "poison_model:build").fingerprint
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"batch-infer: error: Cannot resume into '{out}': its rows were made by model "
+        f"{bundled.fingerprint}, this run uses {other}. Use --overwrite to start again.")
+
+
+def test_half_written_part_is_never_read_and_is_cleaned_up(tmp_path):
+    """A part whose rename never happened (the driver died, or the rename failed) stays a
+    ``_tmp-`` file that no reader picks up, and the next writer removes it."""
+    out_dir = tmp_path / "out"
+    out = OutputDir(str(out_dir))
+    table = pa.table({"path": ["a.png", "b.png"]})
+    out.commit_table("part-00000-aaaa.parquet", table)
+    blocker = out_dir / "part-00001-aaaa.parquet"
+    blocker.mkdir()  # the rename onto it fails, as a crash before the rename would leave it
+    (blocker / "x").touch()
+    with pytest.raises(OSError):
+        out.commit_table("part-00001-aaaa.parquet", table)
+    shutil.rmtree(blocker)
+    (leftover,) = out_dir.glob("_tmp-*")
+    assert not leftover.name.endswith(".parquet")
+    assert committed_rows(out_dir) == ["a.png", "b.png"]
+    ResultWriter(out, table.schema, rows_per_file=10, done=set())
+    assert not leftover.exists()
