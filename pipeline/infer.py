@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.crash_guard import CrashGuard
 from pipeline.decode import error_text
 from pipeline.model import Model, load_model
 
@@ -109,10 +110,12 @@ class Predictor:
 
     def __init__(
         self, model_path: str | None, model_fn: str | None, batch_size: int, top_k: int,
-        logits: bool = False, compute_dtype: str = "float32",
+        logits: bool = False, compute_dtype: str = "float32", run_id: str | None = None,
     ):
         start = time.perf_counter()
         self.model = load_model(model_path, model_fn)
+        # In a Ray run: images that kill this process are found across its restarts.
+        self.guard = CrashGuard(run_id) if run_id else None
         self.logits = logits and self.model.spec.output == "classification"
         self.runner = BatchRunner(self.model, batch_size, self.logits, compute_dtype)
         self.top_k = min(top_k, self.model.spec.output_dim)
@@ -130,7 +133,11 @@ class Predictor:
         outputs = np.zeros((len(images), self.runner.out_dim), np.float32)  # (B, D) or (B, 2D)
         if ok.any():
             idx = np.flatnonzero(ok)
-            outputs[idx], model_errors = self.runner.run_isolating(images[idx])
+            if self.guard is not None:
+                result = self.guard.run(self.runner, images[idx], batch["path"][idx])
+            else:
+                result = self.runner.run_isolating(images[idx])
+            outputs[idx], model_errors = result
             for i, err in zip(idx, model_errors):
                 if err is not None:
                     errors[i] = err

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pipeline.config import RunConfig
+from pipeline.crash_guard import forget_run
 from pipeline.infer import Predictor, result_columns
 from pipeline.model import Model, ModelError, check_model, load_model
 from pipeline.read import Listing, storage_env
@@ -216,6 +218,7 @@ def _execute(cfg: RunConfig, paths: list[str], spec, source: Source, done: set[s
     # run. An explicit --actors is a ceiling to grow to, e.g. on a cluster that autoscales.
     min_actors = actors if cfg.actors is None else 1
     rows = _rows_per_block(len(paths), actors, cfg.batch_size)
+    run_id = uuid.uuid4().hex  # names what the actors' crash guards record in the GCS
     ds = ray.data.from_arrow(source.blocks(paths, done, rows))
     ds = ds.map_batches(
         _decode_block,
@@ -229,7 +232,7 @@ def _execute(cfg: RunConfig, paths: list[str], spec, source: Source, done: set[s
         fn_constructor_kwargs={
             "model_path": cfg.model, "model_fn": cfg.model_fn,
             "batch_size": cfg.batch_size, "top_k": cfg.top_k, "logits": cfg.logits,
-            "compute_dtype": cfg.compute_dtype,
+            "compute_dtype": cfg.compute_dtype, "run_id": run_id,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
@@ -237,7 +240,10 @@ def _execute(cfg: RunConfig, paths: list[str], spec, source: Source, done: set[s
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=actors),
         **_actor_resources(cfg),
     )
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    finally:
+        forget_run(run_id)
 
 
 def _decode_resources() -> dict[str, Any]:

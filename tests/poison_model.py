@@ -4,7 +4,9 @@ Use it like a user's model: ``--model-fn poison_model:build --model OPTIONS.json
 be on ``PYTHONPATH`` for Ray's workers, see :func:`worker_env`). OPTIONS.json holds:
 
 - ``mode``: ``"raise"`` (the compiled call raises, through a host callback, when the batch holds
-  a poison image), ``"nan"`` (the output row of a poison image is NaN) or ``"none"``.
+  a poison image), ``"nan"`` (the output row of a poison image is NaN), ``"exit"`` (the process
+  dies on a poison image, as a segfault or an out-of-memory kill in a native library would) or
+  ``"none"``.
 - ``marker``: an image is poison when every one of its pixels has this uint8 value (a solid
   gray square; real digits never are).
 - ``calls``: a file; every model call appends one line: process id, real images in the batch
@@ -63,8 +65,8 @@ def read_calls(path: str | Path) -> list[Call]:
 def build(path: str | None = None) -> Model:
     """Model factory: the bundled CNN wrapped with the faults that OPTIONS.json at ``path`` asks for."""
     options = {**DEFAULTS, **(json.loads(Path(path).read_text()) if path else {})}
-    if options["mode"] not in ("none", "nan", "raise"):
-        raise ValueError(f"poison_model mode must be none, nan or raise, got {options['mode']!r}")
+    if options["mode"] not in ("none", "nan", "raise", "exit"):
+        raise ValueError(f"poison_model mode must be none, nan, raise or exit, got {options['mode']!r}")
     base = digits_cnn.build()
     return Model(
         apply=_make_apply(base.apply, options, base.spec.scale), params=base.params,
@@ -88,6 +90,8 @@ def _make_apply(inner, options: dict, scale: float):
             time.sleep(delay)
         if mode == "raise" and poison.any():
             raise ValueError(f"poison image in batch rows {np.flatnonzero(poison).tolist()}")
+        if mode == "exit" and poison.any():
+            os._exit(70)  # no exception, no cleanup: the process is simply gone
 
     def apply(params, x):  # x: (B, H, W, C) float32
         poison = jnp.all(jnp.abs(x - marker) < 1e-6, axis=(1, 2, 3))  # (B,) bool

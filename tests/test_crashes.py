@@ -156,6 +156,25 @@ def test_poison_images_are_isolated_by_bisection(own_ray, tmp_path, mode, messag
         assert sum(sizes) == 43
 
 
+def test_image_that_kills_the_process_becomes_an_error_row(own_ray, tmp_path):
+    """No exception to catch: the process exits on the marked image (as on a segfault or an
+    out-of-memory kill). Ray would restart the actor and retry the batch for ever; the crash
+    guard finds the image across restarts instead."""
+    src, out, calls = tmp_path / "in", tmp_path / "out", tmp_path / "calls"
+    (marked,) = write_inputs(src, 30, poison=1)
+    options = poison_model.write_options(tmp_path / "model.json", mode="exit", calls=str(calls))
+    summary = pipeline.run(str(src), str(out), model_fn="poison_model:build", model=options,
+                           batch_size=8, progress=False)
+
+    rows = check_exactly_once(out, src)
+    (bad,) = [r for r in rows if r["status"] == "error"]
+    assert bad["path"] == str(marked)
+    assert bad["error"] == ("the inference process died while predicting this image (2 times): "
+                            "the model crashes on it")
+    assert (summary.rows_ok, summary.rows_error) == (30, 1)
+    assert len({c.pid for c in poison_model.read_calls(calls)}) == 5  # 2k + 2 restarts, k = 1
+
+
 def test_actor_killed_mid_run_is_replaced(own_ray, tmp_path):
     """SIGKILL the inference actor mid-call, then its replacement too, soon after it starts."""
     src, out, calls = tmp_path / "in", tmp_path / "out", tmp_path / "calls"
