@@ -81,7 +81,10 @@ def forget_run(run_id: str) -> None:
     """Drop what the guards of run ``run_id`` recorded (the driver calls this at the end)."""
     from ray.experimental import internal_kv
 
-    internal_kv._internal_kv_del(f"{run_id}/", del_by_prefix=True, namespace=NAMESPACE)
+    try:
+        internal_kv._internal_kv_del(f"{run_id}/", del_by_prefix=True, namespace=NAMESPACE)
+    except Exception as e:  # the run's own outcome matters more; the records die with Ray
+        log.warning("Could not drop the crash-guard records of run %s: %s", run_id, e)
 
 
 def _digest(paths) -> str:
