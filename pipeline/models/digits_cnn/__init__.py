@@ -37,6 +37,7 @@ class CNNConfig:
     # of 330k, with no pooling op between the fused conv+bias+relu kernels.
     stride: int = 2
     num_classes: int = 10
+    contrast_stretch: bool = True
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         k, c1, c2 = self.kernel, self.conv1_features, self.conv2_features
@@ -67,11 +68,7 @@ def init_params(config: CNNConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def make_apply(config: CNNConfig):
-    """Return ``apply(params, x)``: float32 (B, H, W, C) -> logits (B, num_classes).
-
-    Training passes ``dropout=(key, rate)`` to drop features before the Dense layer; inference
-    never does.
-    """
+    """Return ``apply(params, x)``: float32 (B, H, W, C) -> logits (B, num_classes)."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -79,19 +76,17 @@ def make_apply(config: CNNConfig):
     stride = (config.stride, config.stride)
     dims = ("NHWC", "HWIO", "NHWC")
 
-    def apply(params, x, dropout=None):
-        # Per-image contrast stretch (darkest -> 0, lightest -> 1): a gray page, faint ink or a
-        # dim scan then looks like the training digits. The floor keeps a blank page blank.
-        lo = x.min(axis=(1, 2, 3), keepdims=True)  # (B, 1, 1, 1)
-        hi = x.max(axis=(1, 2, 3), keepdims=True)
-        x = (x - lo) / jnp.maximum(hi - lo, 0.1)
+    def apply(params, x):
+        if config.contrast_stretch:
+            # Per image, darkest -> 0 and lightest -> 1: gray paper, faint ink or a dim scan then
+            # looks like the training digits. The floor keeps a blank page blank.
+            lo = x.min(axis=(1, 2, 3), keepdims=True)  # (B, 1, 1, 1)
+            hi = x.max(axis=(1, 2, 3), keepdims=True)
+            x = (x - lo) / jnp.maximum(hi - lo, 0.1)  # (B, H, W, C)
         for layer in ("conv1", "conv2"):
             x = lax.conv_general_dilated(x, params[f"{layer}/w"], stride, "SAME", dimension_numbers=dims)
             x = jax.nn.relu(x + params[f"{layer}/b"])  # XLA fuses bias+relu (into the conv on GPU)
         x = x.reshape(x.shape[0], -1)  # (B, 8*8*64)
-        if dropout is not None:
-            key, rate = dropout
-            x = jnp.where(jax.random.bernoulli(key, 1 - rate, x.shape), x / (1 - rate), 0.0)
         return x @ params["dense/w"] + params["dense/b"]  # (B, num_classes)
 
     return apply
