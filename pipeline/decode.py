@@ -9,9 +9,11 @@ pixels the pipeline will feed it.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -33,15 +35,18 @@ def decode_image(data: bytes, spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIX
         raise DecodeError("empty file (0 bytes)")
     img = None
     try:
-        with warnings.catch_warnings():
-            # We apply our own pixel limit below; Pillow's warning would only be noise.
+        # Pillow checks sizes itself, in Image.open and wherever it decodes a nested image
+        # (an ICO decodes its PNG inside Image.open): give that check our limit (Pillow
+        # refuses above twice its setting) and keep ours below as the last word.
+        with warnings.catch_warnings(), _pillow_pixel_limit((max_pixels + 1) // 2):
+            # Pillow warns above its setting, half our limit: only noise here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # the header (and, for some formats, more)
             width, height = img.size
             if width * height > max_pixels:
                 raise DecodeError(
-                    f"image header claims {width}x{height} = {width * height:,} pixels, over the "
-                    f"limit of {max_pixels:,} (possible decompression bomb); not decoded"
+                    f"image header claims {width}x{height} = {width * height:,} pixels, "
+                    f"{_over_limit(max_pixels)}"
                 )
             if width < 1 or height < 1:
                 raise DecodeError(f"image has no pixels ({width}x{height})")
@@ -58,9 +63,11 @@ def decode_image(data: bytes, spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIX
     except DecodeError:
         raise
     except Image.UnidentifiedImageError as e:
-        raise DecodeError(_why_unidentified(data)) from e
-    except Image.DecompressionBombError as e:
-        raise DecodeError(f"decompression bomb refused: {e}") from e
+        raise DecodeError(_why_unidentified(data, max_pixels)) from e
+    except Image.DecompressionBombError as e:  # Pillow's check, at our limit
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise DecodeError(f"image holds {size}, {_over_limit(max_pixels)}") from e
     except _CORRUPT as e:  # the header parsed, the pixel data did not
         fmt = (img.format if img is not None else None) or next(_claimed_formats(data), "image")
         raise DecodeError(f"{fmt} data is truncated or corrupt: {type(e).__name__}: {e}") from e
@@ -68,17 +75,34 @@ def decode_image(data: bytes, spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIX
     return arr.reshape(spec.height, spec.width, spec.channels)  # (H, W, C) uint8
 
 
+def _over_limit(max_pixels: int) -> str:
+    return f"over the max_pixels limit of {max_pixels:,} (possible decompression bomb); not decoded"
+
+
+@contextmanager
+def _pillow_pixel_limit(limit: int):
+    """Set Pillow's process-wide ``MAX_IMAGE_PIXELS`` for a block. Decode tasks run one at a
+    time per process, and every caller in a run passes the same limit."""
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
 # What Pillow's plugins raise for damaged data (zlib errors, short reads, bad chunk lengths).
 _CORRUPT = (OSError, SyntaxError, EOFError, ValueError, IndexError, struct.error)
 
 
-def _why_unidentified(data: bytes) -> str:
+def _why_unidentified(data: bytes, max_pixels: int) -> str:
     """Pillow says only "cannot identify image file"; name the format the bytes claim to be
     and why its reader refused them (a PNG with a bad checksum, a JPEG cut after its header),
     or show the first bytes (an HTML error page saved as .jpg)."""
     for fmt in _claimed_formats(data):
         try:
-            Image.OPEN[fmt][0](io.BytesIO(data), "").close()
+            with _pillow_pixel_limit((max_pixels + 1) // 2):
+                Image.OPEN[fmt][0](io.BytesIO(data), "").close()
         except Exception as e:  # we want its message, whatever the reader raises
             return f"not a readable {fmt} file: {type(e).__name__}: {e}"
     return f"not a recognised image format (starts with {data[:16]!r})"
