@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -105,14 +106,43 @@ class BatchRunner:
         return out, errors
 
 
+def _configure_jax(platform: str | None) -> None:
+    """Pick the JAX platform and turn on the persistent compilation cache, before JAX starts.
+
+    Setting the platform here rather than through a runtime_env lets Ray hand the actor a
+    prestarted worker process (a runtime_env needs a fresh one: about a second more per actor).
+    The cache saves the XLA compile (~0.4 s) on every actor start after the first; it lives
+    in the user's own 0700 directory, because whoever can write it can run code in our actors.
+    """
+    import jax
+
+    if platform:
+        jax.config.update("jax_platforms", platform)
+    cache = Path.home() / ".cache" / "batch-infer" / "xla"
+    try:
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = cache.stat()
+    except OSError as e:
+        log.warning("No compilation cache (%s); compiling from scratch", e)
+        return
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        log.warning("Not using compilation cache %s: not private to this user", cache)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 class Predictor:
     """Ray Data callable class: decoded batch in, prediction columns out."""
 
     def __init__(
         self, model_path: str | None, model_fn: str | None, batch_size: int, top_k: int,
         logits: bool = False, compute_dtype: str = "float32", run_id: str | None = None,
+        platform: str | None = None,
     ):
         start = time.perf_counter()
+        _configure_jax(platform)
         self.model = load_model(model_path, model_fn)
         # In a Ray run: images that kill this process are found across its restarts.
         self.guard = CrashGuard(run_id) if run_id else None

@@ -232,7 +232,8 @@ def _execute(cfg: RunConfig, paths: list[str], spec, source: Source, done: set[s
         fn_constructor_kwargs={
             "model_path": cfg.model, "model_fn": cfg.model_fn,
             "batch_size": cfg.batch_size, "top_k": cfg.top_k, "logits": cfg.logits,
-            "compute_dtype": cfg.compute_dtype, "run_id": run_id,
+            "compute_dtype": cfg.compute_dtype,
+            "platform": None if cfg.gpus_per_actor > 0 else "cpu", "run_id": run_id,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
@@ -301,4 +302,5 @@ def _actor_resources(cfg: RunConfig) -> dict[str, Any]:
             env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
         return {"num_gpus": cfg.gpus_per_actor, "runtime_env": {"env_vars": env}}
     # Pass no num_gpus at all on CPU: some Ray versions treat num_gpus=0 as a GPU request.
-    return {"num_cpus": 1, "runtime_env": {"env_vars": {"JAX_PLATFORMS": "cpu"}}}
+    # The actor pins JAX to the CPU itself (Predictor's platform argument).
+    return {"num_cpus": 1}

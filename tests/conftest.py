@@ -14,7 +14,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 class CompileCounter:
-    """Counts XLA backend compilations in this process (tests assert one per actor)."""
+    """Counts executables made in this process: XLA compilations plus loads from the
+    persistent compilation cache (tests assert one per actor)."""
 
     def __init__(self):
         import jax
@@ -23,7 +24,8 @@ class CompileCounter:
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
     def _on_event(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event in ("/jax/core/compile/backend_compile_duration",
+                     "/jax/compilation_cache/cache_retrieval_time_sec"):
             self.count += 1
 
 
