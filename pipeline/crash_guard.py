@@ -88,7 +88,8 @@ def forget_run(run_id: str) -> None:
 
 
 def _digest(paths) -> str:
-    return hashlib.sha256("\0".join(map(str, paths)).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    joined = "\0".join(map(str, paths)).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(joined).hexdigest()[:32]
 
 
 def _get(key: str) -> dict | None:

@@ -215,10 +215,13 @@ def _load_local(path: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError as e:
         if os.path.islink(path):
+            target = os.readlink(path)
             raise FileNotFoundError(
-                f"broken symbolic link: '{path}' points to '{os.readlink(path)}', which does not exist"
+                f"broken symbolic link: '{path}' points to '{target}', which does not exist"
             ) from e
-        raise FileNotFoundError(f"'{path}' no longer exists (removed or renamed after listing)") from e
+        raise FileNotFoundError(
+            f"'{path}' no longer exists (removed or renamed after listing)"
+        ) from e
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(fd).st_mode
         for test, kind in _NOT_REGULAR:

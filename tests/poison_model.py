@@ -63,10 +63,11 @@ def read_calls(path: str | Path) -> list[Call]:
 
 
 def build(path: str | None = None) -> Model:
-    """Model factory: the bundled CNN wrapped with the faults that OPTIONS.json at ``path`` asks for."""
+    """Model factory: the bundled CNN with the faults OPTIONS.json at ``path`` asks for."""
     options = {**DEFAULTS, **(json.loads(Path(path).read_text()) if path else {})}
     if options["mode"] not in ("none", "nan", "raise", "exit"):
-        raise ValueError(f"poison_model mode must be none, nan, raise or exit, got {options['mode']!r}")
+        raise ValueError(
+            f"poison_model mode must be none, nan, raise or exit, got {options['mode']!r}")
     base = digits_cnn.build()
     return Model(
         apply=_make_apply(base.apply, options, base.spec.scale), params=base.params,

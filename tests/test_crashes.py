@@ -27,7 +27,9 @@ from PIL import Image
 import pipeline
 from pipeline.digits import write_samples
 
-PREDICTOR = "MapWorker(MapBatches(Predictor))"  # the actor class Ray Data makes of ours
+# In the name of the actor class Ray Data makes of ours: "MapWorker(MapBatches(Predictor))",
+# or "MapWorker(MapBatches(_decode_block)->MapBatches(Predictor))" when it fuses decode in.
+PREDICTOR = "MapBatches(Predictor)"
 _ray: dict = {}  # the Ray this module started: {"dashboard": url}
 
 
@@ -87,13 +89,19 @@ def check_exactly_once(out: Path, src: Path) -> list[dict]:
     return rows
 
 
-def alive_predictors(dashboard: str) -> list:
+def alive_predictor_pid(dashboard: str, timeout: float = 60) -> int:
+    """The pid of the one live inference actor, from Ray's state API (which can lag a restart
+    by a moment: it is asked again until it reports one)."""
     from ray.util.state import list_actors
 
-    return list_actors(
-        address=dashboard, filters=[("class_name", "=", PREDICTOR), ("state", "=", "ALIVE")],
-        timeout=30,
-    )
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], timeout=30)
+        alive = [a for a in alive if PREDICTOR in a.class_name]
+        if len(alive) == 1 and alive[0].pid:
+            return alive[0].pid
+        assert time.monotonic() < deadline, f"no single live inference actor: {alive}"
+        time.sleep(0.1)
 
 
 def wait_for_calls(calls: Path, at_least: int, timeout: float = 180) -> list[poison_model.Call]:
@@ -186,12 +194,15 @@ def test_actor_killed_mid_run_is_replaced(own_ray, tmp_path):
         for wait_for in (4, 2):  # calls by the actor about to be killed
             done = len(poison_model.read_calls(calls))
             deadline = time.monotonic() + 120
-            while sum(c.pid not in killed for c in poison_model.read_calls(calls)[done:]) < wait_for:
+            while True:
+                recent = poison_model.read_calls(calls)[done:]
+                if sum(c.pid not in killed for c in recent) >= wait_for:
+                    break
                 assert time.monotonic() < deadline, "the model stopped being called"
                 time.sleep(0.05)
-            (actor,) = alive_predictors(own_ray)
-            os.kill(actor.pid, signal.SIGKILL)  # mid-call: each call sleeps inside the model
-            killed.append(actor.pid)
+            pid = alive_predictor_pid(own_ray)
+            os.kill(pid, signal.SIGKILL)  # mid-call: each call sleeps inside the model
+            killed.append(pid)
         return killed, len(poison_model.read_calls(calls))
 
     killer = Injector(kill_predictor_twice)
@@ -261,8 +272,10 @@ def test_node_lost_mid_run(tmp_path, monkeypatch):
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5},
     })
     try:
-        workers = [cluster.add_node(node_ip_address="127.0.0.1", num_cpus=2, object_store_memory=store)
-                   for _ in range(2)]
+        workers = [
+            cluster.add_node(node_ip_address="127.0.0.1", num_cpus=2, object_store_memory=store)
+            for _ in range(2)
+        ]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING")
         src, out, calls = tmp_path / "in", tmp_path / "out", tmp_path / "calls"

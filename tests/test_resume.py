@@ -39,7 +39,8 @@ def wait_until(condition, what: str, driver: Driver, timeout: float = 180) -> No
     deadline = time.monotonic() + timeout
     while not condition():
         if driver.proc.poll() is not None:
-            raise AssertionError(f"the run ended before {what}: {driver.proc.stderr.read()[-2000:]}")
+            stderr = driver.proc.stderr.read()[-2000:]
+            raise AssertionError(f"the run ended before {what}: {stderr}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
