@@ -3,15 +3,16 @@
 A model can fail on one image without raising: a segfault in a native kernel, an abort, the
 out-of-memory killer. Ray restarts the actor and retries the batch, which kills it again, for
 ever. :meth:`BatchRunner.run_isolating` cannot help (its process is gone), so the evidence must
-outlive the process: it is kept in Ray's GCS key-value store (where Ray Serve keeps its state).
+outlive the process: it is kept in Ray's GCS key-value store (where Ray Serve keeps its state),
+under the actor's id, which a restarted actor keeps.
 
-Cost: nothing until an actor has been restarted. A restarted actor cannot tell which of its
-batches killed its predecessor, so for its first ``CAREFUL_BATCHES`` batches it records each
-one before running it (two GCS round trips, under a millisecond each on a LAN). A batch found
-already recorded has killed a process: its images then run one at a time, each recorded first.
-An image that was running when a process died twice is the culprit and becomes an error row
-(twice, so that an unrelated kill, e.g. a lost node, does not condemn an innocent image). A
-batch holding k such images costs 2k + 2 restarts; the other images are predicted as usual.
+Cost: nothing until an actor has been restarted. A restarted actor does not know which batch
+killed its predecessor, so from then on it records each batch before running it (one GCS round
+trip, well under a millisecond on a LAN). When a later incarnation receives the batch its
+predecessor was running, it runs that batch one image at a time, recording each image first.
+An image that was running when the process died twice is the culprit and becomes an error row
+(twice, so that one unrelated kill, e.g. a lost node, does not condemn an innocent image). A
+batch holding k such images costs 2k + 2 restarts; its other images are predicted as usual.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-CAREFUL_BATCHES = 16  # retried batches reach a restarted actor first; this leaves slack
 NAMESPACE = "batch-infer"
 STRIKES = 2
 DIED = "the inference process died while predicting this image ({n} times): the model crashes on it"
@@ -37,43 +37,42 @@ class CrashGuard:
     def __init__(self, run_id: str):
         import ray
 
-        self.run_id = run_id
+        ctx = ray.get_runtime_context()
         with warnings.catch_warnings():  # it reads a deprecated property of Ray's own
             warnings.simplefilter("ignore")
-            reborn = ray.get_runtime_context().was_current_actor_reconstructed
-        self.careful_left = CAREFUL_BATCHES if reborn else 0
+            reborn = bool(ctx.was_current_actor_reconstructed)
+        self.key = f"{run_id}/{ctx.get_actor_id()}"
+        self.recording = reborn
+        # What the previous incarnation was running when it died (None: nothing recorded).
+        self.last = _get(self.key) if reborn else None
         if reborn:
-            log.warning("Inference actor restarted: recording its next %d batches", CAREFUL_BATCHES)
+            log.warning("Inference actor restarted; it died running %s", self.last or "?")
 
     def run(self, runner, images: np.ndarray, paths) -> tuple[np.ndarray, list[str | None]]:
         """``runner.run_isolating(images)``, surviving images that kill the process."""
-        if self.careful_left <= 0:
+        if not self.recording:
             return runner.run_isolating(images)
-        self.careful_left -= 1
-        key = f"{self.run_id}/{_digest(paths)}"
-        state = _get(key)
-        if state is None:  # not known to have killed anyone: record it, run it whole
-            _put(key, {"row": None, "strikes": {}})
-            result = runner.run_isolating(images)
-            _delete(key)
-            return result
-        return self._one_at_a_time(runner, images, key, state)
+        batch = _digest(paths)
+        if self.last is not None and self.last["batch"] == batch:
+            last, self.last = self.last, None
+            return self._one_at_a_time(runner, images, batch, last)
+        _put(self.key, {"batch": batch, "row": None, "strikes": {}})
+        return runner.run_isolating(images)
 
-    def _one_at_a_time(self, runner, images: np.ndarray, key: str, state: dict):
-        strikes = {int(i): n for i, n in state["strikes"].items()}
-        if state["row"] is not None:  # the image that was running when the process died
-            strikes[state["row"]] = strikes.get(state["row"], 0) + 1
-        log.warning("A batch killed an inference process before; running it one image at a time")
+    def _one_at_a_time(self, runner, images: np.ndarray, batch: str, last: dict):
+        strikes = {int(i): n for i, n in last["strikes"].items()}
+        if last["row"] is not None:  # the image that was running when the process died
+            strikes[last["row"]] = strikes.get(last["row"], 0) + 1
+        log.warning("This batch killed an inference process; running it one image at a time")
         out = np.zeros((len(images), runner.out_dim), np.float32)  # (n, D)
         errors: list[str | None] = [None] * len(images)
         for i in range(len(images)):
             if strikes.get(i, 0) >= STRIKES:
                 errors[i] = DIED.format(n=strikes[i])
                 continue
-            _put(key, {"row": i, "strikes": strikes})
+            _put(self.key, {"batch": batch, "row": i, "strikes": strikes})
             row_out, (errors[i],) = runner.run_isolating(images[i : i + 1])
             out[i] = row_out[0]
-        _delete(key)
         return out, errors
 
 
@@ -103,9 +102,3 @@ def _put(key: str, state: dict) -> None:
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_put(key, json.dumps(state), namespace=NAMESPACE)
-
-
-def _delete(key: str) -> None:
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_del(key, namespace=NAMESPACE)

@@ -167,19 +167,20 @@ def test_poison_images_are_isolated_by_bisection(own_ray, tmp_path, mode, messag
 def test_image_that_kills_the_process_becomes_an_error_row(own_ray, tmp_path):
     """No exception to catch: the process exits on the marked image (as on a segfault or an
     out-of-memory kill). Ray would restart the actor and retry the batch for ever; the crash
-    guard finds the image across restarts instead."""
+    guard finds the image across restarts instead. The marked image sorts last, so it sits
+    in the last of many batches of a block (the block is retried whole after each death)."""
     src, out, calls = tmp_path / "in", tmp_path / "out", tmp_path / "calls"
-    (marked,) = write_inputs(src, 30, poison=1)
+    (marked,) = write_inputs(src, 150, poison=1)
     options = poison_model.write_options(tmp_path / "model.json", mode="exit", calls=str(calls))
     summary = pipeline.run(str(src), str(out), model_fn="poison_model:build", model=options,
-                           batch_size=8, progress=False)
+                           batch_size=4, actors=1, progress=False)
 
     rows = check_exactly_once(out, src)
     (bad,) = [r for r in rows if r["status"] == "error"]
     assert bad["path"] == str(marked)
     assert bad["error"] == ("the inference process died while predicting this image (2 times): "
                             "the model crashes on it")
-    assert (summary.rows_ok, summary.rows_error) == (30, 1)
+    assert (summary.rows_ok, summary.rows_error) == (150, 1)
     assert len({c.pid for c in poison_model.read_calls(calls)}) == 5  # 2k + 2 restarts, k = 1
 
 
