@@ -161,8 +161,9 @@ class Predictor:
         ok = np.array([e is None for e in errors], dtype=bool)
         before = dict(self.runner.seconds)
         outputs = np.zeros((len(images), self.runner.out_dim), np.float32)  # (B, D) or (B, 2D)
-        if ok.any():
-            idx = np.flatnonzero(ok)
+        good = np.flatnonzero(ok)
+        for start in range(0, len(good), self.runner.batch_size):  # device batches of B rows
+            idx = good[start : start + self.runner.batch_size]
             if self.guard is not None:
                 result = self.guard.run(self.runner, images[idx], batch["path"][idx])
             else:
