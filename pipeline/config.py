@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from pipeline.decode import DEFAULT_MAX_PIXELS
 
-
 # How the input is read (pipeline/shards.py): image files, or shards holding many images.
 INPUT_FORMATS = ("images", "tar", "parquet")
 

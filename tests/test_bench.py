@@ -10,8 +10,8 @@ import time
 import jax
 import numpy as np
 import pyarrow.parquet as pq
-
 from conftest import digit_images
+
 from pipeline import bench
 from pipeline.model import load_model
 

@@ -9,9 +9,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import label_of
 
 import pipeline
-from conftest import label_of
 from pipeline.write import OutputError
 
 EXPECTED_SCHEMA = pa.schema([
