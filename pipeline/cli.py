@@ -141,7 +141,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import bench, format_report
 
     result = bench(images=args.images, repeats=args.repeats, seed_images=args.seed_images,
-                   work=args.work, end_to_end_run=not args.no_end_to_end)
+                   work=args.work, end_to_end_run=not args.no_end_to_end,
+                   model_images=args.model_images, memory_factor=args.memory_factor)
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -179,13 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="seed before/after table; end to end vs a plain loop and Ray's recipe",
                        description="Measure, in one run on the same images: the seed's per-image op-by-op "
-                       "path vs batched compiled execution, then images/s of a plain Python loop, Ray Data's "
-                       "documented recipe and this pipeline. Reports medians and ratios.")
+                       "path vs batched compiled execution; the model stage bare vs inside a Ray actor; "
+                       "then images/s of a plain Python loop, Ray Data's documented recipe and this "
+                       "pipeline. Reports medians and ratios. Ray start-up (ray.init, and Ray Data's "
+                       "per-cluster actors that a cluster's first job starts) is timed apart.")
     p.add_argument("--images", type=int, default=20_000, help="JPEG images for end to end (default: 20000)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per contestant (default: 3)")
     p.add_argument("--seed-images", type=int, default=256, help="images for the seed table (default: 256)")
     p.add_argument("--work", help="directory for images and outputs (reused between runs; default: temp)")
-    p.add_argument("--no-end-to-end", action="store_true", help="only the seed table")
+    p.add_argument("--no-end-to-end", action="store_true",
+                   help="skip the end-to-end comparison (seed table and model stage only)")
+    p.add_argument("--model-images", type=int, default=8192,
+                   help="decoded images for the model stage, bare model vs in a Ray actor "
+                   "(default: 8192; 0 skips it)")
+    p.add_argument("--memory-factor", type=int, default=0, metavar="N",
+                   help="also run the pipeline on N times --images and compare peak memory "
+                   "(e.g. 10; default: off, it writes N x --images files)")
     p.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
     p.set_defaults(func=cmd_bench)
 

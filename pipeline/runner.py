@@ -7,29 +7,21 @@ shape, the input lists to at least one image, the output directory is usable as 
 from __future__ import annotations
 
 import logging
-import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.crash_guard import forget_run
-from pipeline.infer import Predictor, result_columns
+from pipeline.infer import result_columns
 from pipeline.model import Model, ModelError, check_model, load_model
-from pipeline.read import Listing, storage_env
+from pipeline.read import Listing
 from pipeline.shards import Source
 from pipeline.write import MANIFEST, SUMMARY, OutputDir, OutputError, ResultWriter, output_schema
 
 log = logging.getLogger(__name__)
 
-# Rows per decode task. Large enough that Ray's per-task overhead (~1 ms) is small against
-# 512 decodes (~0.3 ms each), small enough that the actors get work within a second and that
-# a block of 224x224 RGB images (~75 MB) still fits comfortably in the object store.
-ROWS_PER_BLOCK = 512
-DECODE_CPUS = 0.5
 STAGES = ("decode", "transfer_in", "compute", "transfer_out")
 
 
@@ -87,7 +79,9 @@ def run_config(cfg: RunConfig) -> Summary:
     )
     stage_totals = dict.fromkeys(STAGES, 0.0)
     if todo:
-        for batch in _execute(cfg, todo, model.spec, source, done):
+        from pipeline.dataflow import execute  # imports Ray: only when there is work
+
+        for batch in execute(cfg, todo, model.spec, source, done):
             if summary.first_result_seconds is None:
                 summary.first_result_seconds = time.perf_counter() - start
             for stage in STAGES:
@@ -203,115 +197,3 @@ def _error_batch(model: Model, paths: list[str], message: str, cfg: RunConfig) -
     batch = result_columns(model, outputs, [message] * len(paths), cfg.top_k, logits)
     batch["path"] = np.asarray(paths, dtype=object)
     return batch
-
-
-def _execute(cfg: RunConfig, paths: list[str], spec, source: Source, done: set[str]):
-    """Yield result batches (numpy dicts) from the Ray Data pipeline over ``paths`` (files or
-    shards; rows in ``done`` are skipped inside shards)."""
-    import ray
-
-    _ensure_ray(cfg.address)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-    actors = _actor_count(cfg)
-    # The default count is what the cluster holds now (its GPUs, or its nodes): start them all,
-    # since Ray Data grows a pool only once its running actors are busy, too late for a short
-    # run. An explicit --actors is a ceiling to grow to, e.g. on a cluster that autoscales.
-    min_actors = actors if cfg.actors is None else 1
-    rows = _rows_per_block(len(paths), actors, cfg.batch_size)
-    run_id = uuid.uuid4().hex  # names what the actors' crash guards record in the GCS
-    ds = ray.data.from_arrow(source.blocks(paths, done, rows))
-    ds = ds.map_batches(
-        _decode_block,
-        batch_size=None,
-        batch_format="numpy",
-        fn_kwargs={"source": source, "spec": spec, "max_pixels": cfg.max_pixels},
-        **_decode_resources(),
-    )
-    ds = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={
-            "model_path": cfg.model, "model_fn": cfg.model_fn,
-            "batch_size": cfg.batch_size, "top_k": cfg.top_k, "logits": cfg.logits,
-            "compute_dtype": cfg.compute_dtype,
-            "platform": None if cfg.gpus_per_actor > 0 else "cpu", "run_id": run_id,
-        },
-        # A whole decode block per call; the actor feeds it to the device batch_size rows at
-        # a time. Ray Data's own cost per call (~3 ms: slicing, format conversion, output
-        # block) paid once per 32 rows was 60% of the actor's time on CPU.
-        batch_size=rows,
-        batch_format="numpy",
-        zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=actors),
-        **_actor_resources(cfg),
-    )
-    try:
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-    finally:
-        forget_run(run_id)
-
-
-def _decode_resources() -> dict[str, Any]:
-    # Decode tasks read the inputs: give them the driver's object-store settings (endpoint,
-    # region, keys), which nodes started elsewhere do not have. Nothing set, nothing passed:
-    # tasks with their own runtime_env need worker processes of their own.
-    env = storage_env()
-    # Half a CPU per decode task: on CPU the inference actor holds one CPU but is mostly idle
-    # (its model is ~4x cheaper than a decode), so two decoders per spare core keep every core
-    # busy. The differing request also keeps Ray Data from fusing decode into the actor,
-    # which would serialise decode behind inference in one process per node.
-    resources: dict[str, Any] = {"num_cpus": DECODE_CPUS}
-    if env:
-        resources["runtime_env"] = {"env_vars": env}
-    return resources
-
-
-def _rows_per_block(n: int, actors: int, batch_size: int) -> int:
-    """Rows per decode block: at most ROWS_PER_BLOCK, a whole number of model batches, and
-    small enough that a small input still makes two blocks per actor: a block goes to one
-    actor, so 200 images in one block would keep every GPU but one idle."""
-    per_actor = -(-n // (2 * actors))
-    return max(batch_size, min(ROWS_PER_BLOCK, batch_size * -(-per_actor // batch_size)))
-
-
-def _decode_block(batch: dict[str, np.ndarray], source: Source, spec, max_pixels: int):
-    # A generator: a shard becomes several blocks of decoded rows, never one huge one.
-    yield from source.decode(batch, spec, max_pixels)
-
-
-def _ensure_ray(address: str | None) -> None:
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # A Ray we start for one local run serves only this machine: keep it on loopback.
-        # address="local": without it, ray.init() joins any `ray start` head on this machine.
-        ray.init(address="local", _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
-
-
-def _actor_count(cfg: RunConfig) -> int:
-    if cfg.actors:
-        return cfg.actors
-    import ray
-
-    if cfg.gpus_per_actor > 0:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        return max(1, int(gpus / cfg.gpus_per_actor))
-    # XLA:CPU already uses every core of its machine; two CPU actors on one node only fight.
-    return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
-
-
-def _actor_resources(cfg: RunConfig) -> dict[str, Any]:
-    if cfg.gpus_per_actor > 0:
-        env = {}
-        if cfg.gpus_per_actor < 1:  # several actors share a GPU: no 75% grab per process
-            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-        return {"num_gpus": cfg.gpus_per_actor, "runtime_env": {"env_vars": env}}
-    # Pass no num_gpus at all on CPU: some Ray versions treat num_gpus=0 as a GPU request.
-    # The actor pins JAX to the CPU itself (Predictor's platform argument).
-    return {"num_cpus": 1}

@@ -42,8 +42,6 @@ from pipeline.read import IMAGE_EXTENSIONS, InputError, Listing, list_files, lis
 log = logging.getLogger(__name__)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-# Rows per decoded block from a shard: the same trade-off as a block of image files.
-ROWS_PER_CHUNK = 512
 
 Payload = bytes | BaseException  # a row's encoded image, or why there is none
 
@@ -97,14 +95,16 @@ class Source:
         the decode task skips those (see :meth:`blocks`)."""
         return units if self.sharded else [u for u in units if u not in done]
 
-    def blocks(self, units: list[str], done: set[str], rows_per_block: int) -> list[Any]:
-        """Arrow tables for ``ray.data.from_arrow``: runs of files, or one shard per block
-        with the rows of it already committed (column ``done``)."""
+    def blocks(self, units: list[str], done: set[str], units_per_task: int) -> list[Any]:
+        """Arrow tables, one per decode task: runs of files, or one shard per task with the
+        rows of it already committed (column ``done``)."""
         import pyarrow as pa
 
-        if not self.sharded:
-            table = pa.table({"path": pa.array(units, type=pa.string())})
-            return [table.slice(i, rows_per_block) for i in range(0, len(units), rows_per_block)]
+        if not self.sharded:  # own buffers per table: a slice would carry the whole listing
+            return [
+                pa.table({"path": pa.array(units[i : i + units_per_task], type=pa.string())})
+                for i in range(0, len(units), units_per_task)
+            ]
         by_shard: dict[str, list[str]] = {u: [] for u in units}
         for row in done:
             by_shard[_shard_of(row, by_shard)].append(row)
@@ -114,14 +114,18 @@ class Source:
         ]
 
     def decode(
-        self, batch: dict[str, np.ndarray], spec: ModelSpec, max_pixels: int
+        self, batch: dict[str, np.ndarray], spec: ModelSpec, max_pixels: int, rows_per_block: int
     ) -> Iterator[dict]:
-        """Decode one block (a Ray task): yields batches of ``decode_rows`` columns."""
+        """Decode one task's units: yields blocks of at most ``rows_per_block`` rows of
+        ``decode_rows`` columns, each as soon as it is decoded."""
         if not self.sharded:
-            yield decode_rows(list(batch["path"]), load_bytes, spec, max_pixels)
+            paths = list(batch["path"])
+            for i in range(0, len(paths), rows_per_block):
+                yield decode_rows(paths[i : i + rows_per_block], load_bytes, spec, max_pixels)
             return
         for shard, done in zip(batch["path"], batch["done"]):
-            yield from _decode_chunks(self._expand(shard), set(done), spec, max_pixels)
+            rows = self._expand(shard)
+            yield from _decode_chunks(rows, set(done), spec, max_pixels, rows_per_block)
 
     def unaccounted(self, units: list[str], written: set[str]) -> list[str]:
         """Units with no row in ``written``: they get an error row (never expected)."""
@@ -186,7 +190,8 @@ def _shard_of(row: str, shards) -> str | None:
 
 
 def _decode_chunks(
-    rows: Iterator[tuple[str, Payload]], done: set[str], spec: ModelSpec, max_pixels: int
+    rows: Iterator[tuple[str, Payload]], done: set[str], spec: ModelSpec, max_pixels: int,
+    rows_per_block: int,
 ) -> Iterator[dict]:
     chunk: dict[str, Payload] = {}
     start = time.perf_counter()
@@ -194,7 +199,7 @@ def _decode_chunks(
         if path in done or path in chunk:
             continue
         chunk[path] = payload
-        if len(chunk) == ROWS_PER_CHUNK:
+        if len(chunk) == rows_per_block:
             yield _decode_chunk(chunk, time.perf_counter() - start, spec, max_pixels)
             chunk, start = {}, time.perf_counter()
     if chunk:

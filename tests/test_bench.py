@@ -56,3 +56,10 @@ def test_tree_memory_counts_children():
     finally:
         child.kill()
         child.wait()
+
+
+def test_model_stage_runs_the_same_model_bare_and_in_an_actor():
+    images, _ = digit_images(96)
+    stage = bench.model_stage(images, repeats=1, block=40)  # blocks of 40, 40 and 16 rows
+    assert stage["same_labels"] and stage["images"] == 96
+    assert stage["bare_images_per_second"] > 0 and stage["actor_images_per_second"] > 0

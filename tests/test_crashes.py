@@ -28,7 +28,7 @@ import pipeline
 from pipeline.digits import write_samples
 
 # In the name of the actor class Ray Data makes of ours: "MapWorker(MapBatches(Predictor))",
-# or "MapWorker(MapBatches(_decode_block)->MapBatches(Predictor))" when it fuses decode in.
+# or "MapWorker(MapBatches(_decode_task)->MapBatches(Predictor))" when it fuses decode in.
 PREDICTOR = "MapBatches(Predictor)"
 _ray: dict = {}  # the Ray this module started: {"dashboard": url}
 
