@@ -60,9 +60,7 @@ def execute(
     # Reading the listing is part of each decode task (Ray Data fuses the two): no driver
     # round trip to describe the blocks, no hop through the object store.
     tables = source.blocks(units, done, per_task)
-    ds = ray.data.read_datasource(
-        _Units(tables), override_num_blocks=len(tables), ray_remote_args=resources
-    )
+    ds = ray.data.read_datasource(_Units(tables), override_num_blocks=len(tables), **resources)
     ds = ds.map_batches(
         _decode_task,
         batch_size=None,
