@@ -1,17 +1,21 @@
 """``batch-infer bench``: the seed's before/after table and end-to-end ratios, in one run.
 
-Two parts, both on the bundled digits CNN:
+All on the bundled digits CNN:
 
 * **seed table** — "before": each image on its own, host->device transfer, then the layers as
   separate un-jitted ops (Conv, BiasAdd, ReLU, Conv, BiasAdd, ReLU, Dense), device->host
   transfer, every stage timed after ``block_until_ready``; "after": batches of 32, one transfer
   in, the AOT-compiled fused program, one transfer out.
+* **model stage** — the compiled model called in-process vs the pipeline's ``Predictor`` in a
+  Ray actor, on the same decoded images (and the labels must agree).
 * **end to end** — the same JPEG files through (a) a plain single-process loop (Pillow decode
   + the compiled batch-of-32 model), (b) Ray Data's documented recipe (``read_images`` ->
   ``map_batches(callable class)`` -> ``write_parquet``) and (c) ``pipeline.run``. Each runs in
   its own process, repeated and interleaved; we report medians, ratios, and the peak resident
-  memory of each contestant's whole process tree (Ray workers included). Ray start-up is timed
-  separately and excluded from images/s for both Ray contestants.
+  memory of each contestant's whole process tree (Ray workers included). Ray start-up
+  (``ray.init``, then Ray Data's per-cluster actors) is timed apart and left out of images/s
+  for both Ray contestants; the report also gives the ratio with the second part counted.
+* **memory** (optional) — the pipeline's peak memory on N times the images.
 
 The machines this runs on are shared and noisy: read the ratios, not the absolute times.
 """
