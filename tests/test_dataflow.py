@@ -14,10 +14,12 @@ from pipeline.shards import Source
 
 @pytest.mark.parametrize("n", [1, 31, 200, 2_000, 20_000, 1_000_003])
 @pytest.mark.parametrize("actors,slots", [(1, 2), (4, 60)])
-def test_tasks_and_blocks_cover_every_unit(n, actors, slots):
-    rows = dataflow.rows_per_block(n, actors, 32)
+@pytest.mark.parametrize("image_bytes", [32 * 32, 224 * 224 * 3, 4000 * 3000 * 3])
+def test_tasks_and_blocks_cover_every_unit(n, actors, slots, image_bytes):
+    rows = dataflow.rows_per_block(n, actors, 32, image_bytes)
     per_task = dataflow.units_per_task(n, rows, slots)
-    assert rows % 32 == 0 and rows <= dataflow.ROWS_PER_BLOCK
+    assert rows % 32 == 0 and rows <= dataflow.MAX_ROWS_PER_BLOCK
+    assert rows == 32 or rows * image_bytes <= dataflow.BLOCK_BYTES  # one batch at least
     assert per_task % rows == 0 and per_task <= dataflow.BLOCKS_PER_TASK * rows
     tables = Source().blocks([f"{i}.png" for i in range(n)], set(), per_task)
     assert sum(t.num_rows for t in tables) == n
