@@ -431,7 +431,7 @@ def format_report(result: dict) -> str:
 
 
 def bench(images: int = 20_000, repeats: int = 3, seed_images: int = 256,
-          work: str | None = None, end_to_end_run: bool = True, model_images: int = 8192,
+          work: str | None = None, end_to_end_run: bool = True, model_images: int = 16384,
           memory_factor: int = 0) -> dict:
     """Run the seed table, the model stage, (optionally) the end-to-end comparison and the
     memory check on ``memory_factor`` times the images; returns the JSON result."""

@@ -190,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", help="directory for images and outputs (reused between runs; default: temp)")
     p.add_argument("--no-end-to-end", action="store_true",
                    help="skip the end-to-end comparison (seed table and model stage only)")
-    p.add_argument("--model-images", type=int, default=8192,
+    p.add_argument("--model-images", type=int, default=16384,
                    help="decoded images for the model stage, bare model vs in a Ray actor "
-                   "(default: 8192; 0 skips it)")
+                   "(default: 16384; 0 skips it)")
     p.add_argument("--memory-factor", type=int, default=0, metavar="N",
                    help="also run the pipeline on N times --images and compare peak memory "
                    "(e.g. 10; default: off, it writes N x --images files)")
