@@ -162,14 +162,16 @@ class Predictor:
         before = dict(self.runner.seconds)
         outputs = np.zeros((len(images), self.runner.out_dim), np.float32)  # (B, D) or (B, 2D)
         good = np.flatnonzero(ok)
+        every = len(good) == len(images)  # the usual block: slices, views rather than copies
         for start in range(0, len(good), self.runner.batch_size):  # device batches of B rows
-            idx = good[start : start + self.runner.batch_size]
+            rows = slice(start, start + self.runner.batch_size)
+            idx = rows if every else good[rows]
             if self.guard is not None:
                 result = self.guard.run(self.runner, images[idx], batch["path"][idx])
             else:
                 result = self.runner.run_isolating(images[idx])
             outputs[idx], model_errors = result
-            for i, err in zip(idx, model_errors):
+            for i, err in zip(good[rows], model_errors):
                 if err is not None:
                     errors[i] = err
         d = self.model.spec.output_dim
