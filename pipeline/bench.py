@@ -328,10 +328,11 @@ def end_to_end(count: int, repeats: int, work: Path) -> dict:
     }
 
 
-def model_stage(images: np.ndarray, repeats: int = 3, block: int = 512) -> dict:
+def model_stage(images: np.ndarray, repeats: int = 3, block: int = 1024) -> dict:
     """The model stage alone, images/s: the compiled model called in this process (batches of
     32) vs the pipeline's :class:`Predictor` in a Ray actor, fed the same decoded blocks
-    through the object store (its result columns, the crash guard and Ray's calls included)."""
+    through the object store (its result columns, the crash guard and Ray's calls included).
+    ``block``: rows per actor call, the pipeline's block size for small images."""
     import ray
 
     from pipeline.infer import BatchRunner, Predictor
