@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -67,8 +68,8 @@ def run_config(cfg: RunConfig) -> Summary:
     source = Source.of(cfg)
     listing = source.list(cfg.input)
     out = OutputDir(cfg.output)
-    done = prepare_output(out, cfg, listing, model)
-    todo = source.todo(listing.paths, done)
+    done = prepare_output(out, cfg, listing, model)  # path -> status of rows already written
+    todo = source.todo(listing.paths, done.keys())
     log.info(
         "%d %s to read (%d rows already done), model %s",
         len(todo), cfg.input_format, len(done), model.fingerprint,
@@ -81,7 +82,7 @@ def run_config(cfg: RunConfig) -> Summary:
     if todo:
         from pipeline.dataflow import execute  # imports Ray: only when there is work
 
-        for batch in execute(cfg, todo, model.spec, source, done):
+        for batch in execute(cfg, todo, model.spec, source, done.keys()):
             if summary.first_result_seconds is None:
                 summary.first_result_seconds = time.perf_counter() - start
             for stage in STAGES:
@@ -93,8 +94,9 @@ def run_config(cfg: RunConfig) -> Summary:
         writer.add(_error_batch(model, missing, "no result came back from the pipeline", cfg))
     writer.flush()
     stage_totals["write"] = writer.seconds
-    summary.rows_ok = writer.counts["ok"] + _count_resumed(out, done, "ok")
-    summary.rows_error = writer.counts["error"] + _count_resumed(out, done, "error")
+    resumed = Counter(done.values())
+    summary.rows_ok = writer.counts["ok"] + resumed["ok"]
+    summary.rows_error = writer.counts["error"] + resumed["error"]
     summary.seconds = time.perf_counter() - start
     rows = writer.counts["ok"] + writer.counts["error"]  # this run's rows (a shard holds many)
     summary.images_per_second = rows / summary.seconds if summary.seconds else 0.0
@@ -107,8 +109,11 @@ def run_config(cfg: RunConfig) -> Summary:
     return summary
 
 
-def prepare_output(out: OutputDir, cfg: RunConfig, listing: Listing, model: Model) -> set[str]:
-    """Make ``out`` ready for this run; return the input paths already committed there."""
+def prepare_output(
+    out: OutputDir, cfg: RunConfig, listing: Listing, model: Model
+) -> dict[str, str]:
+    """Make ``out`` ready for this run; return the rows of these inputs already committed
+    there (on ``--resume``), path -> status."""
     manifest = {
         "input": cfg.input,
         "inputs": len(listing.paths),
@@ -132,9 +137,11 @@ def prepare_output(out: OutputDir, cfg: RunConfig, listing: Listing, model: Mode
         before = out.read_json(MANIFEST)
         if before is not None:
             _check_resumable(cfg.output, before, manifest)
-            return Source.of(cfg).committed(out.committed_paths(), listing.paths)
+            status = out.committed_status()  # one read of the part files
+            mine = Source.of(cfg).committed(set(status), listing.paths)
+            return {path: status[path] for path in mine}
     out.write_json(MANIFEST, manifest)
-    return set()
+    return {}
 
 
 def _check_resumable(output: str, before: dict, now: dict) -> None:
@@ -169,26 +176,6 @@ def _listing_digest(paths: list[str]) -> str:
     for p in paths:
         h.update(p.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
-
-
-def _count_resumed(out: OutputDir, done: set[str], status: str) -> int:
-    if not done:
-        return 0
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    total = 0
-    for part in out.parts():
-        table = pq.read_table(part, columns=["path", "status"], filesystem=out.fs)
-        mask = pc.and_(pc.equal(table["status"], status), pc.is_in(table["path"], _pa_set(done)))
-        total += pc.sum(mask.cast("int64")).as_py() or 0
-    return total
-
-
-def _pa_set(paths: set[str]):
-    import pyarrow as pa
-
-    return pa.array(sorted(paths), type=pa.string())
 
 
 def _error_batch(model: Model, paths: list[str], message: str, cfg: RunConfig) -> dict[str, Any]:

@@ -157,11 +157,12 @@ class OutputDir:
     def write_json(self, name: str, data: dict) -> None:
         self._atomic_write(name, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
-    def committed_paths(self) -> set[str]:
-        done: set[str] = set()
+    def committed_status(self) -> dict[str, str]:
+        """Path -> status ("ok" or "error") of every row in the committed part files."""
+        done: dict[str, str] = {}
         for part in self.parts():
-            table = pq.read_table(part, columns=["path"], filesystem=self.fs)
-            done.update(table.column("path").to_pylist())
+            table = pq.read_table(part, columns=["path", "status"], filesystem=self.fs)
+            done.update(zip(table.column("path").to_pylist(), table.column("status").to_pylist()))
         return done
 
     def _atomic_write(self, name: str, data: bytes) -> None:

@@ -59,6 +59,9 @@ def test_corrupt_file_is_one_error_row(ray_local, sample_dir, tmp_path):
     assert errors[0]["label"] is None and errors[0]["topk_labels"] is None
     assert summary.rows_error == 1 and summary.rows_ok == 40
     assert summary.skipped == {"not an image extension": 1}
+    # Resuming the finished run reads nothing and still counts the earlier rows by status.
+    again = pipeline.run(str(src), str(tmp_path / "out"), resume=True)
+    assert (again.rows_resumed, again.rows_ok, again.rows_error) == (41, 40, 1)
 
 
 def test_single_file_and_glob_inputs(ray_local, sample_dir, tmp_path):
