@@ -11,6 +11,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ DECODE_CPUS = 0.5
 
 
 def execute(
-    cfg: RunConfig, units: list[str], spec, source: Source, done: set[str]
+    cfg: RunConfig, units: list[str], spec, source: Source, done: AbstractSet[str]
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield result batches (numpy dicts) for ``units`` (files or shards; rows in ``done`` are
     skipped inside shards), in whatever order they finish."""

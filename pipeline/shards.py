@@ -30,6 +30,7 @@ import tarfile
 import time
 import zlib
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,12 +91,12 @@ class Source:
         shards = set(units)
         return {r for r in rows if _shard_of(r, shards) is not None}
 
-    def todo(self, units: list[str], done: set[str]) -> list[str]:
+    def todo(self, units: list[str], done: AbstractSet[str]) -> list[str]:
         """Units still to read. A shard is read again even when some of its rows are done:
         the decode task skips those (see :meth:`blocks`)."""
         return units if self.sharded else [u for u in units if u not in done]
 
-    def blocks(self, units: list[str], done: set[str], units_per_task: int) -> list[Any]:
+    def blocks(self, units: list[str], done: AbstractSet[str], units_per_task: int) -> list[Any]:
         """Arrow tables, one per decode task: runs of files, or one shard per task with the
         rows of it already committed (column ``done``)."""
         import pyarrow as pa
