@@ -349,7 +349,8 @@ def model_stage(images: np.ndarray, repeats: int = 3, block: int = 1024) -> dict
         bare, in_actor = [], []
         for _ in range(repeats):  # interleaved
             start = time.perf_counter()
-            labels = [runner.run(images[i : i + 32]).argmax(axis=1) for i in range(0, len(images), 32)]
+            labels = [runner.run(images[i : i + 32]).argmax(axis=1)
+                      for i in range(0, len(images), 32)]
             bare.append(len(images) / (time.perf_counter() - start))
             start = time.perf_counter()
             results = ray.get([actor.__call__.remote(r) for r in refs])
@@ -372,7 +373,8 @@ def _decoded_block(images: np.ndarray, first: int) -> dict[str, np.ndarray]:
 def memory_scaling(count: int, factor: int, work: Path) -> dict:
     """Peak memory of the pipeline on ``count`` images and on ``factor`` times as many."""
     small = run_contestant("pipeline", make_images(work / "images", count), work)
-    large = run_contestant("pipeline", make_images(work / f"images_x{factor}", count * factor), work)
+    scaled = make_images(work / f"images_x{factor}", count * factor)
+    large = run_contestant("pipeline", scaled, work)
     return {"images": count, "factor": factor,
             "peak_rss_mb": small["peak_rss_mb"], "scaled_peak_rss_mb": large["peak_rss_mb"],
             "ratio": large["peak_rss_mb"] / small["peak_rss_mb"],
@@ -411,8 +413,8 @@ def format_report(result: dict) -> str:
                          f"{m['peak_rss_mb']:>13.0f}")
         lines.append(f"  pipeline / loop: {e2e['ratio_vs_loop']:.2f}x   "
                      f"pipeline / ray recipe: {e2e['ratio_vs_ray_recipe']:.2f}x")
-        lines.append(f"  a cluster's first Ray Data job also starts its data actors: pipeline / loop "
-                     f"{e2e['first_job_ratio_vs_loop']:.2f}x with that time counted")
+        lines.append("  a cluster's first Ray Data job also starts its data actors: pipeline / "
+                     f"loop {e2e['first_job_ratio_vs_loop']:.2f}x with that time counted")
         first = e2e["median"]["pipeline"].get("first_result_seconds")
         if first is not None:
             lines.append(f"  pipeline: first result {first:.2f}s after pipeline.run() began")
@@ -425,9 +427,9 @@ def format_report(result: dict) -> str:
     scale = result.get("memory_scaling")
     if scale:
         lines.append("")
-        lines.append(f"Memory — pipeline peak RSS {scale['peak_rss_mb']:.0f} MB on {scale['images']} "
-                     f"images, {scale['scaled_peak_rss_mb']:.0f} MB on {scale['factor']}x as many "
-                     f"({scale['ratio']:.2f}x)")
+        lines.append(f"Memory — pipeline peak RSS {scale['peak_rss_mb']:.0f} MB on "
+                     f"{scale['images']} images, {scale['scaled_peak_rss_mb']:.0f} MB on "
+                     f"{scale['factor']}x as many ({scale['ratio']:.2f}x)")
     return "\n".join(lines)
 
 
