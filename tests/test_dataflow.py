@@ -1,4 +1,4 @@
-"""How a run is cut into decode tasks and blocks (pure arithmetic, no Ray started)."""
+"""How a run is cut into decode tasks and blocks, and what a decode task yields (no Ray)."""
 
 from __future__ import annotations
 
