@@ -50,6 +50,11 @@ import numpy as np
 DEFAULT_MODEL_FN = "pipeline.models.digits_cnn:build"
 OutputKind = Literal["classification", "embedding"]
 PerChannel = Union[float, tuple[float, ...]]
+# How a photo becomes (height, width): see ModelSpec.resize.
+ResizeMode = Literal["squash", "center_crop", "pad"]
+RESIZE_MODES = ("squash", "center_crop", "pad")
+Interpolation = Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"]
+INTERPOLATIONS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
 
 
 class ModelError(ValueError):
@@ -64,6 +69,19 @@ class ModelSpec:
     ``(batch, height, width, channels)``; channels is 1 (grayscale) or 3 (RGB). ``mean`` and
     ``std`` are one number or one per channel, in the units after ``scale``/``offset`` (so the
     usual ImageNet values work with the default ``scale=1/255``).
+
+    How a decoded photo (EXIF orientation applied) becomes ``height x width``:
+
+    - ``resize="squash"`` (default): stretched to exactly ``height x width``;
+    - ``resize="center_crop"``: scaled, keeping its aspect ratio, to just cover
+      ``floor(height / crop_fraction) x floor(width / crop_fraction)``, then the center
+      ``height x width`` is taken. For a square input this is torchvision's
+      ``Resize(floor(224 / 0.875) = 256)`` + ``CenterCrop(224)``, as ResNet, ViT and CLIP
+      evaluation do;
+    - ``resize="pad"``: scaled, keeping its aspect ratio, to fit inside ``height x width``,
+      and centered on a ``pad_value`` background (letterboxing).
+
+    ``interpolation`` is Pillow's resampling filter (Pillow antialiases when it shrinks).
     """
 
     height: int
@@ -76,6 +94,10 @@ class ModelSpec:
     offset: float = 0.0
     mean: PerChannel = 0.0
     std: PerChannel = 1.0
+    resize: ResizeMode = "squash"
+    crop_fraction: float = 0.875  # center_crop only: crop side / resized side (224 / 256)
+    interpolation: Interpolation = "bilinear"
+    pad_value: int = 0  # pad only: the background's uint8 value, every channel
 
     def __post_init__(self) -> None:
         problems = []
@@ -91,6 +113,17 @@ class ModelSpec:
             problems.append("an embedding model needs a positive embedding_dim")
         if isinstance(self.class_names, str):
             problems.append("class_names must be a sequence of names, not one string")
+        if self.resize not in RESIZE_MODES:
+            problems.append(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            problems.append(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
+        if not (isinstance(self.crop_fraction, numbers.Real) and 0 < self.crop_fraction <= 1):
+            problems.append(f"crop_fraction must be in (0, 1], got {self.crop_fraction!r}")
+        if not (isinstance(self.pad_value, numbers.Integral) and 0 <= self.pad_value <= 255):
+            problems.append(f"pad_value must be an integer in 0..255, got {self.pad_value!r}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             values = value if isinstance(value, (tuple, list)) else (value,)
