@@ -46,14 +46,13 @@ def seed_table(images: np.ndarray, repeats: int = 3, batch_size: int = 32) -> di
     """Per-stage ms for the op-by-op per-image path and the batched compiled path."""
     import jax
 
-    from pipeline.infer import BatchRunner
     from pipeline.model import load_model
 
     model = load_model()
-    runner = BatchRunner(model, batch_size)
+    executor = model.executor(batch_size)
     params = jax.device_put(model.params)
     _before_one(images[0], params, model.spec)  # warm the op-by-op kernels
-    runner.run(images[:batch_size])
+    executor.run_serial(images[:batch_size])
     before, after = [], []
     for _ in range(repeats):
         totals = dict.fromkeys(BEFORE_STAGES, 0.0)
@@ -61,15 +60,13 @@ def seed_table(images: np.ndarray, repeats: int = 3, batch_size: int = 32) -> di
             for stage, seconds in _before_one(img, params, model.spec)[0].items():
                 totals[stage] += seconds
         before.append({k: 1000 * v / len(images) for k, v in totals.items()})
-        runner.seconds = dict.fromkeys(AFTER_STAGES, 0.0)
-        for i in range(0, len(images), batch_size):
-            runner.run(images[i : i + batch_size])
-        after.append({k: 1000 * v / len(images) for k, v in runner.seconds.items()})
+        _, seconds = executor.run_serial(images)  # each stage waited for, as the seed times it
+        after.append({k: 1000 * v / len(images) for k, v in seconds.items()})
     before_ms = {k: statistics.median(r[k] for r in before) for k in BEFORE_STAGES}
     after_ms = {k: statistics.median(r[k] for r in after) for k in AFTER_STAGES}
     b, a = sum(before_ms.values()), sum(after_ms.values())
     return {
-        "device": str(runner.device),
+        "device": executor.describe(),
         "images": len(images),
         "batch_size": batch_size,
         "before_ms_per_image": before_ms,
@@ -192,19 +189,18 @@ def _loop(images: str, output: str) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline.decode import decode_image
-    from pipeline.infer import BatchRunner
     from pipeline.model import load_model
     from pipeline.read import list_images
 
     start = time.perf_counter()
     model = load_model()
-    runner = BatchRunner(model, 32)
+    executor = model.executor(32)
     paths = list_images(images).paths
     labels = []
     for i in range(0, len(paths), 32):
         chunk = paths[i : i + 32]
         batch = np.stack([decode_image(Path(p).read_bytes(), model.spec) for p in chunk])
-        labels.append(runner.run(batch).argmax(axis=1))
+        labels.append(executor.run(batch)["scores"].argmax(axis=1))
     os.makedirs(output, exist_ok=True)
     pq.write_table(pa.table({"path": paths, "label": np.concatenate(labels).astype(np.int32)}),
                    f"{output}/loop.parquet")
@@ -335,10 +331,10 @@ def model_stage(images: np.ndarray, repeats: int = 3, block: int = 1024) -> dict
     ``block``: rows per actor call, the pipeline's block size for small images."""
     import ray
 
-    from pipeline.infer import BatchRunner, Predictor
+    from pipeline.infer import Predictor
     from pipeline.model import load_model
 
-    runner = BatchRunner(load_model(), 32)
+    executor = load_model().executor(32)
     blocks = [_decoded_block(images[i : i + block], first=i) for i in range(0, len(images), block)]
     start_ray()
     try:
@@ -349,7 +345,7 @@ def model_stage(images: np.ndarray, repeats: int = 3, block: int = 1024) -> dict
         bare, in_actor = [], []
         for _ in range(repeats):  # interleaved
             start = time.perf_counter()
-            labels = [runner.run(images[i : i + 32]).argmax(axis=1)
+            labels = [executor.run(images[i : i + 32])["scores"].argmax(axis=1)
                       for i in range(0, len(images), 32)]
             bare.append(len(images) / (time.perf_counter() - start))
             start = time.perf_counter()

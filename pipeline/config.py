@@ -8,6 +8,8 @@ from pipeline.decode import DEFAULT_MAX_PIXELS
 
 # How the input is read (pipeline/shards.py): image files, or shards holding many images.
 INPUT_FORMATS = ("images", "tar", "parquet")
+# JAX platforms an actor may compute on. None: "gpu" for actors that reserve GPUs, else "cpu".
+PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
 
 
 class ConfigError(ValueError):
@@ -25,6 +27,11 @@ class RunConfig:
     batch_size: int = 32
     actors: int | None = None  # None: one per GPU (GPU runs) or one per node (CPU runs)
     gpus_per_actor: float = 0.0
+    # None: gpu when gpus_per_actor > 0, else cpu. "cpu" with gpus_per_actor > 0 reserves GPUs
+    # but computes on the CPU, on purpose: to test GPU placement on machines without GPUs.
+    platform: str | None = None
+    # Rows per device call, a multiple of batch_size; None: chosen by the resource plan.
+    device_batch_size: int | None = None
     top_k: int = 5
     compute_dtype: str = "float32"  # or "bfloat16": cast inside the compiled program (GPU)
     logits: bool = False  # classification models: also write the raw logits (pre-softmax)
@@ -38,6 +45,11 @@ class RunConfig:
     id_column: str = "id"  # parquet: the unique id column; row path = <file>/<id>
     progress: bool | None = None  # None: progress bars when stderr is a terminal
 
+    @property
+    def actor_platform(self) -> str:
+        """The JAX platform the actors compute on."""
+        return self.platform or ("gpu" if self.gpus_per_actor > 0 else "cpu")
+
     def __post_init__(self) -> None:
         problems = []
         if self.batch_size < 1:
@@ -46,6 +58,15 @@ class RunConfig:
             problems.append(f"actors must be at least 1, got {self.actors}")
         if self.gpus_per_actor < 0:
             problems.append(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        if self.platform is not None and self.platform not in PLATFORMS:
+            problems.append(f"platform must be one of {', '.join(PLATFORMS)}, got {self.platform!r}")
+        if self.device_batch_size is not None and (
+            self.device_batch_size < 1 or self.device_batch_size % max(self.batch_size, 1)
+        ):
+            problems.append(
+                f"device_batch_size must be a positive multiple of batch_size ({self.batch_size}), "
+                f"got {self.device_batch_size}"
+            )
         if self.top_k < 1:
             problems.append(f"top_k must be at least 1, got {self.top_k}")
         if self.rows_per_file < 1:

@@ -1,18 +1,22 @@
 """Images that kill the inference process: found across restarts, written as error rows.
 
 A model can fail on one image without raising: a segfault in a native kernel, an abort, the
-out-of-memory killer. Ray restarts the actor and retries the batch, which kills it again, for
-ever. :meth:`BatchRunner.run_isolating` cannot help (its process is gone), so the evidence must
+out-of-memory killer. Ray restarts the actor and retries the block, which kills it again, for
+ever. :meth:`Executor.run_isolating` cannot help (its process is gone), so the evidence must
 outlive the process: it is kept in Ray's GCS key-value store (where Ray Serve keeps its state),
 under the actor's id, which a restarted actor keeps.
 
-Cost: nothing until an actor has been restarted. A restarted actor does not know which batch
-killed its predecessor, so from then on it records each batch before running it (one GCS round
-trip, well under a millisecond on a LAN). When a later incarnation receives the batch its
-predecessor was running, it runs that batch one image at a time, recording each image first.
-An image that was running when the process died twice is the culprit and becomes an error row
-(twice, so that one unrelated kill, e.g. a lost node, does not condemn an innocent image). A
-batch holding k such images costs 2k + 2 restarts; its other images are predicted as usual.
+Cost: nothing until an actor has been restarted. A restarted actor does not know which block
+killed its predecessor, so from then on it records each block before running it: one GCS
+write per block (about a thousand small images, or a few hundred photos), well under a
+millisecond on a LAN. When a later incarnation receives the block its predecessor was running,
+it runs that block one image at a time, recording each image first. An image that was running
+when the process died twice is the culprit and becomes an error row (twice, so that one
+unrelated kill, e.g. a lost node, does not condemn an innocent image). A block holding k such
+images costs 2k + 2 restarts; its other images are predicted as usual.
+
+An actor that exits because its *device* broke (see :mod:`pipeline.infer`) says so in its
+record first, so its successor does not suspect the block it was running.
 """
 
 from __future__ import annotations
@@ -45,34 +49,47 @@ class CrashGuard:
         self.recording = reborn
         # What the previous incarnation was running when it died (None: nothing recorded).
         self.last = _get(self.key) if reborn else None
-        if reborn:
-            log.warning("Inference actor restarted; it died running %s", self.last or "?")
+        if self.last and self.last.get("device"):
+            log.warning("Inference actor restarted after its device failed")
+            self.last = None  # the device, not the block
+        elif reborn:
+            log.warning("Inference actor restarted; it died running %s",
+                        (self.last or {}).get("block", "?"))
 
-    def run(self, runner, images: np.ndarray, paths) -> tuple[np.ndarray, list[str | None]]:
-        """``runner.run_isolating(images)``, surviving images that kill the process."""
+    def run(self, executor, images: np.ndarray, paths) -> tuple[dict, list[str | None]]:
+        """``executor.run_isolating(images)``, surviving images that kill the process."""
         if not self.recording:
-            return runner.run_isolating(images)
-        batch = _digest(paths)
-        if self.last is not None and self.last["batch"] == batch:
+            return executor.run_isolating(images)
+        block = _digest(paths)
+        if self.last is not None and self.last.get("block") == block:
             last, self.last = self.last, None
-            return self._one_at_a_time(runner, images, batch, last)
-        _put(self.key, {"batch": batch, "row": None, "strikes": {}})
-        return runner.run_isolating(images)
+            return self._one_at_a_time(executor, images, block, last)
+        _put(self.key, {"block": block, "row": None, "strikes": {}})
+        return executor.run_isolating(images)
 
-    def _one_at_a_time(self, runner, images: np.ndarray, batch: str, last: dict):
-        strikes = {int(i): n for i, n in last["strikes"].items()}
-        if last["row"] is not None:  # the image that was running when the process died
+    def device_failed(self) -> int:
+        """Record that this process is exiting because its device broke; returns how many
+        times that has happened to this actor in this run (this time included)."""
+        failures = int((_get(f"{self.key}/device") or {}).get("count", 0)) + 1
+        _put(f"{self.key}/device", {"count": failures})
+        _put(self.key, {"device": True})
+        return failures
+
+    def _one_at_a_time(self, executor, images: np.ndarray, block: str, last: dict):
+        strikes = {int(i): n for i, n in last.get("strikes", {}).items()}
+        if last.get("row") is not None:  # the image that was running when the process died
             strikes[last["row"]] = strikes.get(last["row"], 0) + 1
-        log.warning("This batch killed an inference process; running it one image at a time")
-        out = np.zeros((len(images), runner.out_dim), np.float32)  # (n, D)
+        log.warning("This block killed an inference process; running it one image at a time")
+        out = executor.zeros(len(images))
         errors: list[str | None] = [None] * len(images)
         for i in range(len(images)):
             if strikes.get(i, 0) >= STRIKES:
                 errors[i] = DIED.format(n=strikes[i])
                 continue
-            _put(self.key, {"batch": batch, "row": i, "strikes": strikes})
-            row_out, (errors[i],) = runner.run_isolating(images[i : i + 1])
-            out[i] = row_out[0]
+            _put(self.key, {"block": block, "row": i, "strikes": strikes})
+            row_out, (errors[i],) = executor.run_isolating(images[i : i + 1])
+            for k, v in row_out.items():
+                out[k][i] = v[0]
         return out, errors
 
 

@@ -44,7 +44,8 @@ DECODE_CPUS = 0.5
 
 
 def execute(
-    cfg: RunConfig, units: list[str], spec, source: Source, done: AbstractSet[str]
+    cfg: RunConfig, units: list[str], spec, source: Source, done: AbstractSet[str],
+    fingerprint: str,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield result batches (numpy dicts) for ``units`` (files or shards; rows in ``done`` are
     skipped inside shards), in whatever order they finish."""
@@ -76,8 +77,9 @@ def execute(
         fn_constructor_kwargs={
             "model_path": cfg.model, "model_fn": cfg.model_fn,
             "batch_size": cfg.batch_size, "top_k": cfg.top_k, "logits": cfg.logits,
-            "compute_dtype": cfg.compute_dtype,
-            "platform": None if cfg.gpus_per_actor > 0 else "cpu", "run_id": run_id,
+            "compute_dtype": cfg.compute_dtype, "platform": cfg.actor_platform,
+            "run_id": run_id, "fingerprint": fingerprint,
+            "device_batch_size": cfg.device_batch_size,
         },
         # A whole decoded block per call; the actor feeds it to the device batch_size rows at
         # a time. Ray Data's cost per call paid once per 32 rows was 60% of the actor's time.

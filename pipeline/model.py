@@ -43,9 +43,12 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.fingerprint import ModelIdentity
 
 DEFAULT_MODEL_FN = "pipeline.models.digits_cnn:build"
 OutputKind = Literal["classification", "embedding"]
@@ -179,45 +182,116 @@ class Model:
         """How messages name this model: its factory when known."""
         return f"Model factory '{self.factory}'" if self.factory else f"Model '{self.name}'"
 
+    # Which parameters stay float32 under --compute-dtype bfloat16 (called with each leaf's
+    # path, e.g. "['bn1']['scale']"); None: normalisation scales and statistics (see
+    # keeps_float32). A model that knows better says so here.
+    float32_params: Callable[[str], bool] | None = None
+
     @functools.cached_property
+    def identity(self) -> ModelIdentity:
+        """Digests of the weights, the traced program, the spec and the model's source code."""
+        from pipeline.fingerprint import identify
+
+        return identify(self)
+
+    @property
     def fingerprint(self) -> str:
-        """sha256 (16 hex digits) of the weights, the traced computation and the spec."""
-        return fingerprint(self)
+        """sha256 (16 hex digits) of the weights, the traced computation and the spec: the
+        ``model`` column. The driver computes it once and hands it to the actors."""
+        return self.identity.fingerprint
 
-    def forward(
-        self, params: Any, images: Any, logits: bool = False, compute_dtype: str = "float32"
-    ) -> Any:
-        """uint8 (B, H, W, C) -> float32 (B, D): probabilities or embeddings. Jittable.
-
-        With ``logits=True`` a classification model returns (B, 2D): probabilities, then the
-        raw logits, so both leave the device in one transfer. ``compute_dtype="bfloat16"``
-        casts params and inputs inside the program (stored params stay float32; outputs are
-        float32): worth it on H100/A100 tensor cores, slower on most CPUs.
-        """
-        import jax
+    def raw(self, params: Any, images: Any, compute_dtype: str = "float32") -> Any:
+        """uint8 (B, H, W, C) -> float32 (B, D): logits or embeddings, as ``apply`` returns
+        them. Jittable. ``compute_dtype="bfloat16"`` casts the normalised input; pass params
+        from :meth:`compute_params` (cast once, not on every call)."""
         import jax.numpy as jnp
 
-        x = self.spec.normalise(images)
+        x = self.spec.normalise(images)  # (B, H, W, C) float32
         if compute_dtype != "float32":
-            dtype = jnp.dtype(compute_dtype)
-            params = jax.tree_util.tree_map(
-                lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params
-            )
-            x = x.astype(dtype)
+            x = x.astype(jnp.dtype(compute_dtype))
         out = self.apply(params, x)
         if isinstance(out, (tuple, list, dict)) or not hasattr(out, "shape"):
             raise ModelError(f"apply returned a {type(out).__name__}, expected one (batch, D) array")
-        out = out.astype(jnp.float32)  # (B, D)
-        if self.spec.output == "classification":
-            probs = jax.nn.softmax(out, axis=-1)
-            # XLA:CPU's vectorised exp turns NaN into finite garbage, so a broken logit row
-            # would come out as a plausible distribution; keep it NaN so it is flagged.
-            probs = jnp.where(jnp.isfinite(out).all(axis=-1, keepdims=True), probs, jnp.nan)
-            return jnp.concatenate([probs, out], axis=-1) if logits else probs
-        return out
+        return out.astype(jnp.float32)  # (B, D)
+
+    def forward(self, params: Any, images: Any, compute_dtype: str = "float32") -> Any:
+        """uint8 (B, H, W, C) -> float32 (B, D): probabilities or embeddings. Jittable."""
+        out = self.raw(params, images, compute_dtype)
+        return _softmax(out) if self.spec.output == "classification" else out
+
+    def program(
+        self, top_k: int | None = None, logits: bool = False, compute_dtype: str = "float32"
+    ) -> Callable[[Any, Any], dict[str, Any]]:
+        """The function each actor compiles: ``(params, uint8 images) -> {name: (B, ...)}``.
+
+        Always ``ok`` (B,) bool, False where an output is NaN or Inf. An embedding model
+        adds ``embedding`` (B, D). A classification model adds ``topk_scores`` (B, k) and
+        ``topk_labels`` (B, k) int32, computed on the device (``lax.top_k``, lower index
+        first on ties, as a stable argsort), so only k numbers per row come back; with
+        ``top_k=None`` it adds every probability as ``scores`` (B, D) instead. ``logits``
+        adds the raw ``logits`` (B, D).
+        """
+        import jax.numpy as jnp
+        from jax import lax
+
+        classify = self.spec.output == "classification"
+        k = min(top_k, self.spec.output_dim) if top_k else None
+
+        def run(params: Any, images: Any) -> dict[str, Any]:
+            out = self.raw(params, images, compute_dtype)  # (B, D) float32
+            result = {"ok": jnp.isfinite(out).all(axis=-1)}  # (B,) bool
+            if not classify:
+                return {**result, "embedding": out}
+            probs = _softmax(out)  # (B, D)
+            if k:
+                scores, labels = lax.top_k(probs, k)  # (B, k), (B, k)
+                result.update(topk_scores=scores, topk_labels=labels.astype(jnp.int32))
+            else:
+                result["scores"] = probs
+            if logits:
+                result["logits"] = out
+            return result
+
+        return run
+
+    def compute_params(self, compute_dtype: str = "float32") -> Any:
+        """``params`` for a program computing in ``compute_dtype``: floating leaves cast once,
+        here, except those :attr:`float32_params` keeps (default: normalisation scales and
+        statistics, see :func:`keeps_float32`). The fingerprint stays the stored weights'."""
+        import jax
+        import jax.numpy as jnp
+
+        if compute_dtype == "float32":
+            return self.params
+        dtype = jnp.dtype(compute_dtype)
+        keep = self.float32_params or keeps_float32
+
+        def cast(path, leaf):
+            leaf = np.asarray(leaf)
+            if not np.issubdtype(leaf.dtype, np.floating) or keep(jax.tree_util.keystr(path)):
+                return leaf
+            return leaf.astype(dtype)
+
+        return jax.tree_util.tree_map_with_path(cast, self.params)
+
+    def compute_params_shapes(self, compute_dtype: str = "float32") -> Any:
+        """What :meth:`compute_params` returns, as ``ShapeDtypeStruct`` leaves (no copy)."""
+        import jax
+        import jax.numpy as jnp
+
+        keep = self.float32_params or keeps_float32
+
+        def struct(path, leaf):
+            dtype = np.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype
+            if compute_dtype != "float32" and np.issubdtype(dtype, np.floating):
+                dtype = dtype if keep(jax.tree_util.keystr(path)) else jnp.dtype(compute_dtype)
+            return jax.ShapeDtypeStruct(np.shape(leaf), dtype)
+
+        return jax.tree_util.tree_map_with_path(struct, self.params)
 
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Run the model on uint8 NHWC images of the spec's size; returns (N, D) float32."""
+        """Run the model on uint8 NHWC images of the spec's size; returns (N, D) float32:
+        probabilities or embeddings."""
         images = np.asarray(images)
         if images.ndim == 3 and self.spec.channels == 1:
             images = images[..., None]
@@ -226,27 +300,56 @@ class Model:
                 f"predict expects uint8 images of shape (N, {self.spec.height}, "
                 f"{self.spec.width}, {self.spec.channels}), got {images.dtype} {images.shape}."
             )
-        runner = self._runner(batch_size)
-        return np.concatenate(
-            [runner.run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-            or [np.zeros((0, self.spec.output_dim), np.float32)]
-        )
+        out = self.executor(batch_size).run(images)
+        return out["scores" if self.spec.output == "classification" else "embedding"]
 
-    def _runner(self, batch_size: int):
-        from pipeline.infer import BatchRunner
+    def executor(self, batch_size: int = 32):
+        """A :class:`pipeline.device.Executor` of all probabilities (or embeddings), on this
+        process's default device, compiled once per batch size."""
+        from pipeline.device import Executor
 
-        cache = self.__dict__.setdefault("_runners", {})
+        cache = self.__dict__.setdefault("_executors", {})
         if batch_size not in cache:
-            cache[batch_size] = BatchRunner(self, batch_size)
+            cache[batch_size] = Executor(self.program(), self.params, self.spec.shape, batch_size)
         return cache[batch_size]
 
 
-def check_model(model: Model, batch_size: int) -> Any:
-    """Trace and lower ``model.forward`` for ``(batch_size, H, W, C)`` uint8 with no data.
+def keeps_float32(path: str) -> bool:
+    """Does a parameter at ``path`` stay float32 under bfloat16 compute? Yes for normalisation
+    layers' scales, offsets and statistics (Flax ``BatchNorm_0``/``LayerNorm``, batch_stats,
+    torch-style ``bn1``/``running_var``, ``ln_1``): bfloat16's 8 bits of mantissa would move
+    a variance of 1e-4 by 1%, and they are a few numbers per channel."""
+    words = [w for w in re.split(r"[^a-z0-9]+", path.lower()) if w]
+    return any(
+        "norm" in w or re.fullmatch(r"(bn|ln)\d*|mean|var|variance|stats|moving", w)
+        for w in words
+    )
 
-    Returns the traced program; raises one-line :class:`ModelError` naming the factory when
-    ``apply`` fails for the declared input or returns the wrong shape.
+
+def _softmax(out: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    probs = jax.nn.softmax(out, axis=-1)  # (B, D)
+    # XLA:CPU's vectorised exp turns NaN into finite garbage, so a broken logit row would come
+    # out as a plausible distribution; keep it NaN so it is flagged.
+    return jnp.where(jnp.isfinite(out).all(axis=-1, keepdims=True), probs, jnp.nan)
+
+
+def check_model(
+    model: Model, batch_size: int, platform: str = "cpu", compute_dtype: str = "float32"
+) -> float | None:
+    """Trace ``model.forward`` for ``(batch_size, H, W, C)`` uint8 with no data, and lower
+    the program for ``platform`` (the actors', which need not be this process's: lowering
+    for "cuda" works on a CPU-only driver, and starts no GPU).
+
+    Returns XLA's estimate of the FLOPs per image (None where the platform gives none);
+    raises one-line :class:`ModelError` naming the factory when ``apply`` fails for the
+    declared input, returns the wrong shape or cannot be lowered.
     """
+    import jax
+    import jax.numpy as jnp
+
     traced = _trace(model, batch_size)
     got, expected = tuple(traced.out_info.shape), (batch_size, model.spec.output_dim)
     if got != expected:
@@ -256,14 +359,24 @@ def check_model(model: Model, batch_size: int) -> Any:
             f"{model.source}: apply returns shape {got} for a batch of {batch_size}, but its "
             f"spec declares {what}, so {expected} was expected."
         )
+    target = "cuda" if platform == "gpu" else platform
+    x = jax.ShapeDtypeStruct((batch_size, *model.spec.shape), jnp.uint8)
+    params = model.compute_params_shapes(compute_dtype)
     try:
-        traced.lower()
+        program = jax.jit(model.program(top_k=1, compute_dtype=compute_dtype))
+        lowered = program.trace(params, x).lower(lowering_platforms=(target,))
     except Exception as e:
         raise ModelError(
-            f"{model.source}: apply cannot be lowered to XLA for a batch of {batch_size}: "
-            f"{_one_line(e)}"
+            f"{model.source}: apply cannot be lowered to XLA for {target} and a batch of "
+            f"{batch_size}: {_one_line(e)}"
         ) from e
-    return traced
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # an estimate only: some platforms have none before compiling
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    flops = (cost or {}).get("flops")
+    return float(flops) / batch_size if flops and flops > 0 else None
 
 
 def _trace(model: Model, batch_size: int) -> Any:
@@ -278,29 +391,6 @@ def _trace(model: Model, batch_size: int) -> Any:
             f"{model.source}: apply fails for its declared input {x.shape} "
             f"(float32 after normalising): {_one_line(e)}"
         ) from e
-
-
-def fingerprint(model: Model) -> str:
-    """sha256 of the weights, the traced computation (apply, preprocessing, softmax: whatever
-    code it calls, helpers included) and the spec; first 16 hex digits."""
-    import jax
-
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
-        arr = np.asarray(leaf)
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(f"{arr.dtype}{arr.shape}".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
-    # The jaxpr at batch 1 names every op, shape and literal the model runs, so an edit to any
-    # function apply calls changes it, and a comment or the batch size does not. Constants the
-    # code closes over are hashed by value.
-    jaxpr = _trace(model, 1).jaxpr
-    # Host callbacks print as "<function f at 0x7f..>": drop addresses, which change per process.
-    h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", str(jaxpr)).encode())
-    for const in jaxpr.consts:
-        h.update(np.ascontiguousarray(np.asarray(const)).tobytes())
-    h.update(json.dumps(model.spec.to_json(), sort_keys=True).encode())
-    return h.hexdigest()[:16]
 
 
 def load_model(path: str | os.PathLike | None = None, model_fn: str | None = None) -> Model:

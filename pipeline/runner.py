@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.infer import result_columns
+from pipeline.device import pin_to_cpu
+from pipeline.infer import empty_outputs, result_columns
 from pipeline.model import Model, ModelError, check_model, load_model
 from pipeline.read import Listing
 from pipeline.shards import Source
@@ -23,7 +24,10 @@ from pipeline.write import MANIFEST, SUMMARY, OutputDir, OutputError, ResultWrit
 
 log = logging.getLogger(__name__)
 
-STAGES = ("decode", "transfer_in", "compute", "transfer_out")
+# Seconds per stage, summed over rows: decode (the decode tasks), dispatch (host time issuing
+# device work), wait (host time blocked on device results: near zero, the device is
+# starved), infer (the actor's wall time per block), write.
+STAGES = ("decode", "dispatch", "wait", "infer")
 
 
 @dataclass
@@ -58,8 +62,9 @@ def run(input: str, output: str, **options: Any) -> Summary:
 
 def run_config(cfg: RunConfig) -> Summary:
     start = time.perf_counter()
+    pin_to_cpu()  # the driver traces and lowers; it leaves every accelerator to the actors
     model = load_model(cfg.model, cfg.model_fn)
-    check_model(model, cfg.batch_size)
+    check_model(model, cfg.batch_size, cfg.actor_platform, cfg.compute_dtype)
     if cfg.logits and model.spec.output != "classification":
         raise ModelError(
             f"{model.source} returns embeddings; --logits is for classification models (the "
@@ -82,7 +87,7 @@ def run_config(cfg: RunConfig) -> Summary:
     if todo:
         from pipeline.dataflow import execute  # imports Ray: only when there is work
 
-        for batch in execute(cfg, todo, model.spec, source, done.keys()):
+        for batch in execute(cfg, todo, model.spec, source, done.keys(), model.fingerprint):
             if summary.first_result_seconds is None:
                 summary.first_result_seconds = time.perf_counter() - start
             for stage in STAGES:
@@ -179,8 +184,7 @@ def _listing_digest(paths: list[str]) -> str:
 
 
 def _error_batch(model: Model, paths: list[str], message: str, cfg: RunConfig) -> dict[str, Any]:
-    outputs = np.zeros((len(paths), model.spec.output_dim), np.float32)
-    logits = outputs if cfg.logits else None
-    batch = result_columns(model, outputs, [message] * len(paths), cfg.top_k, logits)
+    outputs = empty_outputs(model.spec, len(paths), cfg.top_k, cfg.logits)
+    batch = result_columns(model.fingerprint, model.spec, outputs, [message] * len(paths))
     batch["path"] = np.asarray(paths, dtype=object)
     return batch

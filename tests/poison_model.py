@@ -10,7 +10,9 @@ be on ``PYTHONPATH`` for Ray's workers, see :func:`worker_env`). OPTIONS.json ho
 - ``marker``: an image is poison when every one of its pixels has this uint8 value (a solid
   gray square; real digits never are).
 - ``calls``: a file; every model call appends one line: process id, real images in the batch
-  (padding rows are all zeros, which no digit image is) and the Ray node id (``-`` outside Ray).
+  and the Ray node id (``-`` outside Ray). Padding rows are all black, and the pipeline's own
+  start-up checks (the canary batch, the row-independence check: see pipeline/device.py) use
+  all-black and all-white images; no digit image is either, so neither counts as real.
 - ``delay``: seconds each model call sleeps, so a run lasts long enough to be interrupted.
 
 Faults live inside the jitted function, as they would in a user's model: the pipeline cannot
@@ -96,7 +98,9 @@ def _make_apply(inner, options: dict, scale: float):
 
     def apply(params, x):  # x: (B, H, W, C) float32
         poison = jnp.all(jnp.abs(x - marker) < 1e-6, axis=(1, 2, 3))  # (B,) bool
-        real = jnp.any(x != 0, axis=(1, 2, 3))  # (B,) bool: padding rows are all zero
+        black = jnp.all(x == 0, axis=(1, 2, 3))  # (B,) bool: padding, canary
+        white = jnp.all(jnp.abs(x - 255 * scale) < 1e-6, axis=(1, 2, 3))  # start-up check
+        real = ~(black | white)  # (B,) bool
         jax.debug.callback(host, poison, real)
         logits = inner(params, x)  # (B, classes)
         if mode == "nan":

@@ -133,7 +133,7 @@ def test_one_compile_per_actor_and_padding(colors):
         outputs.append(out["logits"])
     assert COMPILES.count - before == 1, "a batch recompiled the model"
     one_by_one = np.concatenate(
-        [predictor.runner.run(images[i : i + 1])[:, 6:] for i in range(len(images))]
+        [predictor.executor.run(images[i : i + 1])["logits"] for i in range(len(images))]
     )
     np.testing.assert_allclose(np.concatenate(outputs), one_by_one, atol=1e-4)
 

@@ -11,7 +11,8 @@ from conftest import COMPILES, digit_images
 
 from pipeline import digits
 from pipeline.decode import decode_image
-from pipeline.infer import BatchRunner, Predictor
+from pipeline.device import Executor
+from pipeline.infer import Predictor
 from pipeline.model import ModelError, load_model
 from pipeline.models import digits_cnn
 
@@ -48,10 +49,10 @@ def test_batched_equals_one_at_a_time(model):
 
 def test_padding_changes_no_real_row(model):
     images, _ = digit_images(7)
-    runner = BatchRunner(model, 32)
-    short = runner.run(images)  # padded with 25 zero images
+    executor = model.executor(32)
+    short = executor.run(images)["scores"]  # padded with 25 zero images
     noisy = np.concatenate([images, np.random.default_rng(0).integers(0, 256, (25, 32, 32, 1), np.uint8)])
-    full = runner.run(noisy)[:7]
+    full = executor.run(noisy)["scores"][:7]
     assert short.shape == (7, 10)
     np.testing.assert_allclose(short, full, atol=1e-6)
 
@@ -72,9 +73,8 @@ def test_one_compilation_per_actor_across_batch_sizes(model):
         assert len(out["label"]) == hi - lo
         assert out["topk_labels"].shape == (hi - lo, 3)
     assert after_init - before == 1
+    predictor.executor.run(np.zeros((33, 32, 32, 1), np.uint8))  # a batch and a 1-row tail
     assert COMPILES.count == after_init, "a batch recompiled the model"
-    with pytest.raises(ValueError):
-        predictor.runner.run(np.zeros((33, 32, 32, 1), np.uint8))
 
 
 def test_heldout_accuracy_at_least_96_percent(model):
@@ -129,8 +129,10 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 def test_bfloat16_compute_keeps_float32_io_and_agrees(model):
     images, _ = digit_images(64)
-    f32 = BatchRunner(model, 32).run(images[:32])
-    bf16 = BatchRunner(model, 32, compute_dtype="bfloat16").run(images[:32])
+    f32 = model.executor(32).run(images[:32])["scores"]
+    program = model.program(compute_dtype="bfloat16")
+    bf16 = Executor(program, model.compute_params("bfloat16"), model.spec.shape, 32).run(
+        images[:32])["scores"]
     assert bf16.dtype == np.float32 and bf16.shape == f32.shape
     assert all(np.asarray(v).dtype == np.float32 for v in model.params.values())
     assert (bf16.argmax(1) == f32.argmax(1)).mean() >= 0.9

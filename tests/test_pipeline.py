@@ -40,7 +40,7 @@ def test_directory_to_parquet(ray_local, sample_dir, tmp_path):
     assert not list(out.glob("_tmp-*"))
     saved = json.loads((out / "_summary.json").read_text())
     assert saved["completed"] and saved["rows_ok"] == 40
-    assert set(saved["stage_seconds"]) == {"decode", "transfer_in", "compute", "transfer_out", "write"}
+    assert set(saved["stage_seconds"]) == {"decode", "dispatch", "wait", "infer", "write"}
     count = duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall()[0][0]
     assert count == 40
 
