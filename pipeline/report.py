@@ -1,11 +1,11 @@
 """The run report: a run's ``_summary.json`` as one page (``_report.html``) and as text.
 
-``batch-infer report OUT`` prints the text; a run writes the page beside its parts. Both
-render the same facts with the same number formats (the helpers below), so the page and the
-terminal never disagree. Any field may be missing (a summary written before the field existed):
-each section renders what is there and says what is not, and nothing raises. The page itself
-is built in :mod:`pipeline.report_html`: one file, inline CSS and SVG, no scripts, no URLs, so
-it opens the same from a laptop, an object-store download or an air-gapped cluster.
+``batch-infer report OUT`` prints the text; :func:`write_report` puts the page beside a run's
+parts. Both render the same facts with the same number formats (the helpers below), so page
+and terminal never disagree. Any field may be missing (a summary written before the field
+existed): each section renders what is there and says what is not, and nothing raises. The
+page is built in :mod:`pipeline.report_html`: one file, inline CSS and SVG, no scripts, no
+URLs, so it opens the same from a laptop, an object-store download or an air-gapped cluster.
 """
 
 from __future__ import annotations
@@ -100,6 +100,10 @@ def fmt_count(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def fmt_rate(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
 def fmt_value(v: Any) -> str:
     """A plan or node value: ints with thousands separators, other numbers short."""
     if num(v) is None:
@@ -130,7 +134,7 @@ def key_numbers(s: dict[str, Any]) -> list[tuple[str, str]]:
         if v is not None and (v or key != "rows_resumed"):
             pairs.append((label, fmt_count(v)))
     if (v := num(s.get("images_per_second"))) is not None:
-        pairs.append(("images/s", fmt_count(v)))
+        pairs.append(("images/s", fmt_rate(v)))
     if (v := num(s.get("seconds"))) is not None:
         pairs.append(("wall time", f"{v:.1f} s"))
     if (v := num(s.get("first_result_seconds"))) is not None:
@@ -140,14 +144,13 @@ def key_numbers(s: dict[str, Any]) -> list[tuple[str, str]]:
 
 def stages(s: dict[str, Any]) -> list[tuple[str, float, float | None]]:
     """(stage, ms per image, seconds summed over the stage's workers) in the runner's order."""
-    ms = s.get("stage_ms_per_image") or {}
-    secs = s.get("stage_seconds") or {}
+    ms, secs = _dict(s.get("stage_ms_per_image")), _dict(s.get("stage_seconds"))
     return [(str(k), num(v), num(secs.get(k))) for k, v in ms.items() if num(v) is not None]
 
 
 def timeline_points(timeline: Any) -> list[tuple[float, float]]:
     """The valid (seconds, cumulative rows) pairs of a summary's ``timeline``, in time order."""
-    pairs = [p for p in timeline or [] if isinstance(p, (list, tuple)) and len(p) == 2]
+    pairs = [p for p in _list(timeline) if isinstance(p, (list, tuple)) and len(p) == 2]
     return sorted((num(t), num(n)) for t, n in pairs if num(t) is not None and num(n) is not None)
 
 
@@ -169,10 +172,10 @@ def throughput(timeline: Any, bins: int) -> list[tuple[float, float, float]]:
 def error_groups(s: dict[str, Any]) -> list[ErrorGroup]:
     """Errors by kind, the data's first, then the system's, then unknown kinds; most first."""
     groups = []
-    for kind, entry in (s.get("errors_by_kind") or {}).items():
+    for kind, entry in _dict(s.get("errors_by_kind")).items():
         entry = entry if isinstance(entry, dict) else {"count": entry}
         fault, meaning = ERROR_KINDS.get(kind, ("unknown", ""))
-        examples = [str(p) for p in (entry.get("examples") or [])][:EXAMPLES]
+        examples = [str(p) for p in _list(entry.get("examples"))][:EXAMPLES]
         groups.append(ErrorGroup(str(kind), fault, meaning, int(num(entry.get("count")) or 0),
                                  examples))
     order = list(FAULTS)
@@ -188,15 +191,15 @@ def fault_totals(groups: list[ErrorGroup]) -> dict[str, int]:
 
 def plan_rows(s: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
     """The resource plan as (label, value) rows, and its notes."""
-    plan = s.get("plan") or {}
+    plan = _dict(s.get("plan"))
     rows = [(PLAN_LABELS.get(k, k.replace("_", " ")), fmt_value(v))
             for k, v in plan.items() if k != "notes"]
-    return rows, [str(n) for n in plan.get("notes") or []]
+    return rows, [str(n) for n in _list(plan.get("notes"))]
 
 
 def actor_rows(s: dict[str, Any]) -> list[list[str]]:
     """node, node id, pid, device, rows, share of this run's rows: one row per actor."""
-    actors = [a for a in s.get("actors") or [] if isinstance(a, dict)]
+    actors = [a for a in _list(s.get("actors")) if isinstance(a, dict)]
     total = sum(num(a.get("rows")) or 0 for a in actors)
     return [[str(a.get("node_ip", "")), _short_id(a.get("node_id")), str(a.get("pid", "")),
              str(a.get("device", "")), fmt_value(a.get("rows")),
@@ -209,12 +212,25 @@ NODE_HEADERS = ["node", "node id", "CPUs", "GPUs", "memory GB", "actors"]
 
 
 def node_rows(s: dict[str, Any]) -> list[list[str]]:
-    nodes = [n for n in s.get("nodes") or [] if isinstance(n, dict)]
-    actors = [a for a in s.get("actors") or [] if isinstance(a, dict)]
+    nodes = [n for n in _list(s.get("nodes")) if isinstance(n, dict)]
+    actors = [a for a in _list(s.get("actors")) if isinstance(a, dict)]
     return [[str(n.get("node_ip", "")), _short_id(n.get("node_id")), fmt_value(n.get("cpus")),
              fmt_value(n.get("gpus")), fmt_value(n.get("memory_gb")),
              str(sum(a.get("node_id") == n.get("node_id") for a in actors))]
             for n in nodes]
+
+
+def skipped(s: dict[str, Any]) -> dict[str, Any]:
+    """Reason -> files listed but not read (no row for them)."""
+    return _dict(s.get("skipped"))
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, (list, tuple)) else []
 
 
 def _short_id(node_id: Any) -> str:
@@ -237,7 +253,7 @@ def render_text(summary: dict[str, Any]) -> str:
     if rates:
         top = max(r for _, _, r in rates) or 1.0
         lines.append("Throughput (images/s)")
-        lines += [f"  {f'{t0:.1f}-{t1:.1f} s':<14}{fmt_count(r):>9}  {'█' * round(40 * r / top)}"
+        lines += [f"  {f'{t0:.1f}-{t1:.1f} s':<14}{fmt_rate(r):>9}  {'█' * round(40 * r / top)}"
                   for t0, t1, r in rates]
         lines.append("")
     if rows := stages(s):
@@ -258,7 +274,7 @@ def render_text(summary: dict[str, Any]) -> str:
         if rows:
             lines += [f"{title} ({len(rows)})", *_text_table(headers, rows), ""]
     lines += _text_errors(s)
-    for reason, n in (s.get("skipped") or {}).items():
+    for reason, n in skipped(s).items():
         lines.append(f"Skipped (no row): {fmt_value(n)} files ({reason})")
     return "\n".join(lines).rstrip() + "\n"
 

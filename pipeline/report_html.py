@@ -72,8 +72,9 @@ paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}
 def page(s: dict[str, Any]) -> str:
     """The whole page for summary ``s``."""
     title = f"batch-infer run report: {s.get('model_name') or s.get('output') or 'run'}"
-    body = [_header(s), _throughput(s), '<div class="cols">', _stages(s), _plan(s), "</div>",
-            _errors(s), _cluster(s), _skipped(s)]
+    plan = _plan(s)
+    middle = f'<div class="cols">{_stages(s)}{plan}</div>' if plan else _stages(s)
+    body = [_header(s), _throughput(s), middle, _errors(s), _cluster(s), _skipped(s)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n"
             + "\n".join(b for b in body if b)
@@ -105,39 +106,24 @@ def _throughput(s: dict[str, Any]) -> str:
 
 
 def chart(rates: list[tuple[float, float, float]], points: list[tuple[float, float]],
-          average: float | None, first: float | None, w: int = 1040, h: int = 300) -> str:
+          average: float | None, first: float | None) -> str:
     """An SVG of images/s (step area, left axis) and cumulative rows (line, right axis)."""
-    left, right, top, bottom = 64, 70, 34, 42
     t_end = max(rates[-1][1], points[-1][0] if points else 0)
-    y_ticks = _ticks(max([x for _, _, x in rates] + [average or 0]))
+    y_ticks = _ticks(max([v for _, _, v in rates] + [average or 0]))
     n_ticks = _ticks(max((n for _, n in points), default=0) or 1)
-    t_ticks = [t for t in _ticks(t_end, 8) if t <= t_end * 1.0001]
 
     def x(t: float) -> float:
-        return left + (w - left - right) * t / t_end
+        return LEFT + (W - LEFT - RIGHT) * t / t_end
 
     def y(v: float, ticks: list[float]) -> float:
-        return h - bottom - (h - top - bottom) * v / ticks[-1]
+        return H - BOTTOM - (H - TOP - BOTTOM) * v / ticks[-1]
 
-    out = [f'<svg class="chart" viewBox="0 0 {w} {h}" width="100%" role="img" '
-           'aria-label="throughput over time">']
-    for v in y_ticks:
-        out.append(f'<line x1="{left}" x2="{w - right}" y1="{y(v, y_ticks):.1f}" '
-                   f'y2="{y(v, y_ticks):.1f}" stroke="#eef1f5"/>'
-                   f'<text x="{left - 8}" y="{y(v, y_ticks) + 4:.1f}" text-anchor="end">'
-                   f"{_tick(v)}</text>")
-    for v in n_ticks:
-        out.append(f'<text x="{w - right + 8}" y="{y(v, n_ticks) + 4:.1f}" '
-                   f'style="fill:{ROWS}">{_tick(v)}</text>')
-    for t in t_ticks:
-        out.append(f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{h - bottom}" '
-                   f'y2="{h - bottom + 5}" stroke="#94a3b8"/><text x="{x(t):.1f}" '
-                   f'y="{h - bottom + 18}" text-anchor="middle">{_tick(t)}</text>')
-    base = y(0, y_ticks)
-    d = [f"M{x(rates[0][0]):.1f},{base:.1f}"]
-    for t0, t1, v in rates:
-        d.append(f"L{x(t0):.1f},{y(v, y_ticks):.1f}L{x(t1):.1f},{y(v, y_ticks):.1f}")
-    d.append(f"L{x(rates[-1][1]):.1f},{base:.1f}Z")
+    out = [f'<svg class="chart" viewBox="0 0 {W} {H}" width="100%" role="img" '
+           'aria-label="throughput over time">', _axes(x, y, y_ticks, n_ticks, t_end)]
+    d = [f"M{x(rates[0][0]):.1f},{y(0, y_ticks):.1f}"]
+    d += [f"L{x(t0):.1f},{y(v, y_ticks):.1f}L{x(t1):.1f},{y(v, y_ticks):.1f}"
+          for t0, t1, v in rates]
+    d.append(f"L{x(rates[-1][1]):.1f},{y(0, y_ticks):.1f}Z")
     out.append(f'<path class="rate" d="{"".join(d)}" fill="{RATE}" fill-opacity="0.16" '
                f'stroke="{RATE}" stroke-width="1.8" stroke-linejoin="round"/>')
     line = " ".join(f"{x(t):.1f},{y(n, n_ticks):.1f}" for t, n in points)
@@ -145,26 +131,54 @@ def chart(rates: list[tuple[float, float, float]], points: list[tuple[float, flo
                'stroke-width="2"/>')
     if average:
         ya = y(average, y_ticks)
-        out.append(f'<line class="average" x1="{left}" x2="{w - right}" y1="{ya:.1f}" '
-                   f'y2="{ya:.1f}" stroke="{RATE}" stroke-dasharray="6 4"/>'
-                   f'<text x="{w - right - 4}" y="{ya - 6:.1f}" text-anchor="end">run average '
-                   f"{r.fmt_count(average)} images/s</text>")
+        out.append(f'<line class="average" x1="{LEFT}" x2="{W - RIGHT}" y1="{ya:.1f}" '
+                   f'y2="{ya:.1f}" stroke="{RATE}" stroke-dasharray="6 4"/>')
     if first is not None and first <= t_end:
         out.append(f'<line class="first-result" x1="{x(first):.1f}" x2="{x(first):.1f}" '
-                   f'y1="{top}" y2="{h - bottom}" stroke="#64748b" stroke-dasharray="2 3"/>'
-                   f'<text x="{x(first) + 5:.1f}" y="{top + 10}">first result '
+                   f'y1="{TOP}" y2="{H - BOTTOM}" stroke="#64748b" stroke-dasharray="2 3"/>'
+                   f'<text x="{x(first) + 5:.1f}" y="{TOP + 10}">first result '
                    f"{first:.1f} s</text>")
-    out.append(f'<line x1="{left}" x2="{w - right}" y1="{h - bottom}" y2="{h - bottom}" '
-               'stroke="#94a3b8"/>'
-               f'<text x="{(left + w - right) / 2}" y="{h - 6}" text-anchor="middle">'
-               "seconds since the run started</text>"
-               f'<text x="{left - 8}" y="{top - 14}" text-anchor="end">images/s</text>'
-               f'<text x="{w - right + 8}" y="{top - 14}" style="fill:{ROWS}">rows</text>'
-               f'<rect x="{left + 4}" y="{top - 24}" width="14" height="10" fill="{RATE}" '
-               f'fill-opacity="0.3" stroke="{RATE}"/><text x="{left + 24}" y="{top - 15}">'
-               f'images/s</text><line x1="{left + 96}" x2="{left + 114}" y1="{top - 19}" '
-               f'y2="{top - 19}" stroke="{ROWS}" stroke-width="2"/>'
-               f'<text x="{left + 120}" y="{top - 15}">rows written</text></svg>')
+    return "".join(out) + _legend(average) + "</svg>"
+
+
+W, H, LEFT, RIGHT, TOP, BOTTOM = 1040, 300, 64, 70, 34, 42  # the chart's box, in SVG units
+
+
+def _axes(x, y, y_ticks: list[float], n_ticks: list[float], t_end: float) -> str:
+    out = []
+    for v in y_ticks:
+        out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{y(v, y_ticks):.1f}" '
+                   f'y2="{y(v, y_ticks):.1f}" stroke="#eef1f5"/>'
+                   f'<text x="{LEFT - 8}" y="{y(v, y_ticks) + 4:.1f}" text-anchor="end">'
+                   f"{_tick(v)}</text>")
+    for v in n_ticks:
+        out.append(f'<text x="{W - RIGHT + 8}" y="{y(v, n_ticks) + 4:.1f}" '
+                   f'style="fill:{ROWS}">{_tick(v)}</text>')
+    for t in (t for t in _ticks(t_end, 8) if t <= t_end * 1.0001):
+        out.append(f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{H - BOTTOM}" '
+                   f'y2="{H - BOTTOM + 5}" stroke="#94a3b8"/><text x="{x(t):.1f}" '
+                   f'y="{H - BOTTOM + 18}" text-anchor="middle">{_tick(t)}</text>')
+    out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{H - BOTTOM}" y2="{H - BOTTOM}" '
+               f'stroke="#94a3b8"/><text x="{(LEFT + W - RIGHT) / 2}" y="{H - 6}" '
+               'text-anchor="middle">seconds since the run started</text>'
+               f'<text x="{LEFT - 8}" y="{TOP - 14}" text-anchor="end">images/s</text>'
+               f'<text x="{W - RIGHT + 8}" y="{TOP - 14}" style="fill:{ROWS}">rows</text>')
+    return "".join(out)
+
+
+def _legend(average: float | None) -> str:
+    items = [(f'<rect y="-9" width="14" height="10" fill="{RATE}" fill-opacity="0.3" '
+              f'stroke="{RATE}"/>', "images/s"),
+             (f'<line x2="16" y1="-4" y2="-4" stroke="{ROWS}" stroke-width="2"/>',
+              "rows written")]
+    if average:
+        items.append((f'<line x2="20" y1="-4" y2="-4" stroke="{RATE}" stroke-dasharray="6 4"/>',
+                      f"run average {r.fmt_rate(average)} images/s"))
+    out, at = [], LEFT + 4
+    for mark, label in items:
+        out.append(f'<g transform="translate({at},{TOP - 15})">{mark}'
+                   f'<text x="24">{label}</text></g>')
+        at += 44 + 6 * len(label)  # ~6 SVG units per character of 11px text
     return "".join(out)
 
 
@@ -270,7 +284,7 @@ def _plural(n: int, noun: str) -> str:
 
 
 def _skipped(s: dict[str, Any]) -> str:
-    skipped = s.get("skipped") or {}
+    skipped = r.skipped(s)
     if not skipped:
         return ""
     items = "".join(f"<li>{escape(r.fmt_value(n))} files: {escape(str(reason))}</li>"

@@ -5,13 +5,11 @@ Chromium draws the page with its chart and numbers."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,7 +93,7 @@ class _Cells(HTMLParser):
 
 SAFE_TAGS = {"html", "head", "meta", "title", "style", "body", "main", "header", "h1", "h2",
              "dl", "dt", "dd", "div", "span", "b", "p", "section", "table", "tr", "th", "td",
-             "i", "ul", "li", "code", "svg", "line", "text", "path", "polyline", "rect"}
+             "i", "ul", "li", "code", "svg", "g", "line", "text", "path", "polyline", "rect"}
 
 
 class _Tags(HTMLParser):
@@ -126,7 +124,7 @@ def test_text_numbers_are_the_summarys():
         got = re.search(rf"^  {stage} +([\d.]+) +([\d.]+)", text, re.M)
         assert float(got[1]) == ms and float(got[2]) == FULL["stage_seconds"][stage]
     assert float(re.search(r"^  total +([\d.]+)", text, re.M)[1]) == pytest.approx(0.44)
-    rates = re.findall(r"^  ([\d.]+)-([\d.]+) s +([\d,]+)", text, re.M)
+    rates = re.findall(r"^  ([\d.]+)-([\d.]+) s +([\d,.]+)", text, re.M)
     assert [(float(a), float(b)) for a, b, _ in rates] == [(0.0, 3.1), (3.1, 4.0), (4.0, 12.3)]
     assert [int(r.replace(",", "")) for _, _, r in rates] == [330, 2276, 2040]  # rows / seconds
     for kind, entry in FULL["errors_by_kind"].items():
@@ -163,7 +161,7 @@ def test_page_numbers_are_the_summarys():
 def test_old_summary_renders_what_it_has():
     summary = old_summary()
     text, page = render_text(summary), render_html(summary)
-    numbers = "rows ok 37 · error rows 3 · images/s 9 · wall time 4.2 s · first result 2.5 s"
+    numbers = "rows ok 37 · error rows 3 · images/s 9.4 · wall time 4.2 s · first result 2.5 s"
     assert numbers in text
     assert re.search(r"^  decode +2\.5000 +0\.10", text, re.M)
     assert "Errors: 3 rows (by kind: not in this summary)" in text
@@ -179,11 +177,13 @@ def test_old_summary_renders_what_it_has():
     {"timeline": [[1.0], "x", [None, 2], [2.0, 5], [2.0, 9]], "plan": None, "actors": ["x", {}],
      "errors_by_kind": {"weird": 4, "corrupt": {"count": None}}, "stage_ms_per_image": {"a": None},
      "seconds": float("nan"), "rows_ok": "many", "nodes": [{"cpus": 1.5}], "completed": False},
+    {"timeline": {"0": 1}, "plan": [1], "actors": "x", "nodes": 3, "errors_by_kind": ["x"],
+     "stage_ms_per_image": [1], "stage_seconds": "x", "skipped": ["x"], "model_name": 7},
 ])
 def test_odd_summaries_do_not_crash(summary):
     text, page = render_text(summary), render_html(summary)
     assert text.startswith("batch-infer run report") and page.startswith("<!DOCTYPE html>")
-    if summary:
+    if "weird" in str(summary):
         assert "UNKNOWN weird" in text and '<div class="err unknown">' in page
         assert "did not complete" in page
 
