@@ -1,4 +1,4 @@
-"""``batch-infer``: run, demo, train, sample-data, bench.
+"""``batch-infer``: run, report, demo, train, sample-data, bench.
 
 Every flag of ``run`` maps to one :class:`pipeline.config.RunConfig` field; the Ray Job
 entrypoint (``jobs/batch_infer.py``) reuses :func:`add_run_arguments` so the two never drift.
@@ -150,6 +150,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import load_summary, render_html, render_text
+
+    summary = load_summary(args.output)
+    print(render_text(summary), end="")
+    if args.html:
+        Path(args.html).write_text(render_html(summary))
+        print(f"page written to {args.html}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batch-infer",
@@ -198,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. 10; default: off, it writes N x --images files)")
     p.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="print the run report of an output directory",
+                       description="Print what a finished run did, from OUT/_summary.json: key "
+                       "numbers, throughput over time, time per image by stage, plan, actors and "
+                       "nodes, errors by kind with example paths. --html writes the same as one "
+                       "self-contained page. Exit 2 when OUT holds no summary.")
+    p.add_argument("output", metavar="OUT", help="the run's --output directory (or s3:// URI)")
+    p.add_argument("--html", metavar="PATH", help="also write the report page to PATH")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sample-data", help="write held-out digit images as DIR/<label>/<name>.<ext>")
     p.add_argument("dir", metavar="DIR")

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 SUMMARY = "_summary.json"
+REPORT = "_report.html"
 PART_PREFIX = "part-"
 
 
@@ -135,9 +136,11 @@ class OutputDir:
         )
 
     def clear(self) -> None:
-        """Delete our own files (parts, manifest, summary, temporaries); leave anything else."""
+        """Delete our own files (parts, manifest, summary, report, temporaries); leave the rest."""
         for e in self.entries():
-            if e.base_name.startswith((PART_PREFIX, "_tmp-")) or e.base_name in (MANIFEST, SUMMARY):
+            if e.base_name.startswith((PART_PREFIX, "_tmp-")) or e.base_name in (
+                MANIFEST, SUMMARY, REPORT
+            ):
                 self.fs.delete_file(e.path)
 
     def remove_temporaries(self) -> None:
@@ -156,6 +159,9 @@ class OutputDir:
 
     def write_json(self, name: str, data: dict) -> None:
         self._atomic_write(name, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+    def write_text(self, name: str, text: str) -> None:
+        self._atomic_write(name, text.encode())
 
     def committed_status(self) -> dict[str, str]:
         """Path -> status ("ok" or "error") of every row in the committed part files."""
