@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                "proxy-connection", "proxy-authenticate", "proxy-authorization"}
@@ -38,10 +38,14 @@ _DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</
 
 class S3Proxy:
     """Forwards HTTP requests on 127.0.0.1 to ``upstream`` (``http://host:port``), each after
-    ``delay`` seconds. ``requests`` is the log of (method, path) seen; ``max_in_flight`` the
-    most requests held at once (delayed or forwarded)."""
+    ``delay`` seconds, or ``delay(method, path)`` seconds if it is a function (the path is
+    ``/bucket/key``). ``requests`` is the log of (method, path) seen; ``max_in_flight`` the
+    most requests held at once (delayed or forwarded). Set ``delay`` and ``deny`` any time."""
 
-    def __init__(self, upstream: str, delay: float = 0.0, deny: Iterable[str] = ()):
+    def __init__(
+        self, upstream: str, delay: float | Callable[[str, str], float] = 0.0,
+        deny: Iterable[str] = (),
+    ):
         self.upstream = urllib.parse.urlsplit(upstream).netloc
         self.delay = delay
         self.deny = {p.strip("/") for p in deny}  # "bucket/key"
@@ -110,7 +114,8 @@ def _handler(proxy: S3Proxy) -> type[http.server.BaseHTTPRequestHandler]:
             if "chunked" in self.headers.get("Transfer-Encoding", ""):
                 return self._reply(501, {}, b"chunked request bodies are not forwarded")
             with proxy._held(self.command, path):
-                time.sleep(proxy.delay)
+                delay = proxy.delay
+                time.sleep(delay(self.command, path) if callable(delay) else delay)
                 if path.strip("/") in proxy.deny and self.command in ("GET", "HEAD"):
                     return self._reply(403, {"Content-Type": "application/xml"}, _DENIED)
                 status, headers, data = self._forward(body)
