@@ -13,6 +13,7 @@ import re
 import struct
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -149,21 +150,41 @@ def decode_rows(
     paths: list[str], loader, spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> dict[str, np.ndarray]:
     """Load and decode each path with ``loader(path) -> bytes``; failures become error rows.
+    Columns as :func:`decode_payloads`; a row's ``_t_decode`` includes its ``loader`` call."""
+    return decode_payloads(paths, (_loaded(loader, p) for p in paths), spec, max_pixels)
+
+
+def decode_payloads(
+    paths: Sequence[str], payloads: Iterable[bytes | BaseException], spec: ModelSpec,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, np.ndarray]:
+    """Decode each path's payload: its bytes, or the exception reading it raised (that row's
+    error, as a decode failure is). ``payloads`` is aligned with ``paths`` and may be a lazy
+    iterator that reads as it goes (:func:`pipeline.read.fetch_all`).
 
     Returns columns ``path``, ``image`` (N, H, W, C) uint8 (zeros on error rows), ``error``
-    ("" when ok: Ray Data turns an all-None column into float NaN) and ``_t_decode``
-    (seconds spent on each row).
+    ("" when ok: Ray Data turns an all-None column into float NaN) and ``_t_decode``: the
+    seconds each row cost the caller. That is the time spent waiting for the row's payload
+    plus decoding it: with reads running ahead in threads, the wait is whatever latency they
+    did not hide, and the rows' seconds add up to the wall time of the loop.
     """
     n = len(paths)
     images = np.zeros((n, *spec.shape), np.uint8)  # (N, H, W, C) uint8
     errors = [""] * n
     seconds = np.zeros(n, np.float64)
-    for i, path in enumerate(paths):
+    payloads = iter(payloads)
+    for i in range(n):
         start = time.perf_counter()
-        try:
-            images[i] = decode_image(loader(path), spec, max_pixels)
-        except Exception as e:  # any failure of one file is that row's error, never the run's
-            errors[i] = error_text(e)
+        payload = next(payloads, _END)
+        if payload is _END:
+            raise ValueError(f"payloads ran out at row {i} of {n}; they must align with paths")
+        if isinstance(payload, BaseException):
+            errors[i] = error_text(payload)
+        else:
+            try:
+                images[i] = decode_image(payload, spec, max_pixels)
+            except Exception as e:  # any failure of one file is that row's error, never the run's
+                errors[i] = error_text(e)
         seconds[i] = time.perf_counter() - start
     return {
         "path": np.asarray(paths, dtype=object),
@@ -171,3 +192,13 @@ def decode_rows(
         "error": np.asarray(errors, dtype=object),
         "_t_decode": seconds,
     }
+
+
+_END = object()
+
+
+def _loaded(loader, path: str) -> bytes | BaseException:
+    try:
+        return loader(path)
+    except Exception as e:  # the row's error, reported by decode_payloads
+        return e

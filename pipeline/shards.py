@@ -24,6 +24,7 @@ null or repeats gets the path ``<file>/#row-<n>`` (its position in the file).
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import posixpath
 import tarfile
@@ -36,9 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.decode import decode_rows
+from pipeline.decode import decode_payloads, decode_rows
 from pipeline.model import ModelSpec
-from pipeline.read import IMAGE_EXTENSIONS, InputError, Listing, list_files, list_images, load_bytes
+from pipeline.read import (
+    IMAGE_EXTENSIONS, InputError, Listing, fetch_all, list_files, list_images, load_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +124,13 @@ class Source:
         ``decode_rows`` columns, each as soon as it is decoded."""
         if not self.sharded:
             paths = list(batch["path"])
+            # Reads run ahead in threads across blocks; the listing has no sizes yet, so each
+            # object is opened by path (pass the listing's sizes here once it has them).
+            fetched = (payload for _, payload in fetch_all(paths, sizes=None))
             for i in range(0, len(paths), rows_per_block):
-                yield decode_rows(paths[i : i + rows_per_block], load_bytes, spec, max_pixels)
+                block = paths[i : i + rows_per_block]
+                yield decode_payloads(block, itertools.islice(fetched, len(block)), spec,
+                                      max_pixels)
             return
         for shard, done in zip(batch["path"], batch["done"]):
             rows = self._expand(shard)
