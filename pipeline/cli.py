@@ -13,13 +13,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.config import INPUT_FORMATS, ConfigError, RunConfig
+from pipeline.config import INPUT_FORMATS, PLATFORMS, ConfigError, RunConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.model import ModelError
-from pipeline.read import InputError
+from pipeline.device import DeviceError
+from pipeline.listing import InputError
+from pipeline.plan import PlanError
 from pipeline.write import OutputError
 
-USER_ERRORS = (ConfigError, InputError, OutputError, ModelError)
+USER_ERRORS = (ConfigError, InputError, OutputError, ModelError, PlanError, DeviceError)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +33,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="images: one row per image file; tar: webdataset tar shards (.tar, .tar.gz), "
                    "one row per sample, path SHARD/MEMBER; parquet: files with an image-bytes column, "
                    "one row per table row, path FILE/ID (default: images)")
+    p.add_argument("--input-list", action="store_true",
+                   help="--input is a file listing the inputs instead: one path or URI per line "
+                   "(.txt), or a 'path' column (.csv, .parquet: an S3 Inventory, say); taken in "
+                   "its order, each listed once. The way to feed tens of millions of objects")
     p.add_argument("--image-column", default="image", metavar="NAME",
                    help="parquet: the column of encoded image bytes (default: image)")
     p.add_argument("--id-column", default="id", metavar="NAME",
@@ -45,6 +51,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="inference actors (default: one per GPU with --gpus-per-actor, else one per node)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G",
                    help="GPUs per inference actor, fractions allowed (default: 0, CPU)")
+    p.add_argument("--platform", choices=PLATFORMS,
+                   help="JAX platform the actors compute on (default: gpu with --gpus-per-actor, "
+                   "else cpu; an actor that finds no such device stops the run). --platform cpu "
+                   "with --gpus-per-actor reserves GPUs but computes on the CPU, on purpose: for "
+                   "testing GPU placement without GPUs")
+    p.add_argument("--device-batch-size", type=int, metavar="N",
+                   help="rows per device call, a multiple of --batch-size; each actor compiles it "
+                   "beside the --batch-size program (default: --batch-size on CPU; on GPU, from "
+                   "the model's FLOPs, see the plan in _summary.json)")
     p.add_argument("--top-k", type=int, default=5, help="classes kept per row (default: 5)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the model's arithmetic; params stay float32 and outputs are float32 "
@@ -71,9 +86,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         input=args.input, output=args.output, model=args.model, model_fn=args.model_fn,
         batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        top_k=args.top_k, logits=args.logits, compute_dtype=args.compute_dtype, address=args.address, overwrite=args.overwrite, resume=args.resume,
+        platform=args.platform, device_batch_size=args.device_batch_size,
+        top_k=args.top_k, logits=args.logits, compute_dtype=args.compute_dtype,
+        address=args.address, overwrite=args.overwrite, resume=args.resume,
         rows_per_file=args.rows_per_file, max_pixels=args.max_pixels, progress=args.progress,
-        input_format=args.input_format, image_column=args.image_column, id_column=args.id_column,
+        input_format=args.input_format, input_list=args.input_list,
+        image_column=args.image_column, id_column=args.id_column,
     )
 
 

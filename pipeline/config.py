@@ -41,6 +41,7 @@ class RunConfig:
     rows_per_file: int = 10_000
     max_pixels: int = DEFAULT_MAX_PIXELS
     input_format: str = "images"  # one of INPUT_FORMATS
+    input_list: bool = False  # input is a file listing the inputs (.txt, .csv, .parquet)
     image_column: str = "image"  # parquet: the encoded-image column
     id_column: str = "id"  # parquet: the unique id column; row path = <file>/<id>
     progress: bool | None = None  # None: progress bars when stderr is a terminal

@@ -1,160 +1,156 @@
-"""The Ray Data graph of a run: read+decode tasks -> inference actor pool -> the driver.
+"""The Ray Data graph of a run: read+decode tasks -> inference actors (which write) -> driver.
 
-Sizes and resources are chosen here, each measured on a 2-core CPU machine with 20,000
-128x96 JPEGs and the bundled digits CNN (``batch-infer bench``); the reasons sit beside them.
+Every size and resource comes from the :class:`pipeline.plan.Plan`. Each decode task reads
+its own slice of the listing file, skips the inputs already committed (the ``path`` column
+of the parts whose range meets its slice) and yields decoded blocks as it goes. The actors
+predict a block, write it as part files and return one small record per part, which is all
+the driver ever receives.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
-import uuid
 from collections.abc import Iterator
-from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
 import ray
-from ray.data.block import BlockMetadata
+from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import RunConfig
-from pipeline.crash_guard import forget_run
 from pipeline.infer import Predictor
+from pipeline.listing import ListingFile
+from pipeline.plan import Plan
 from pipeline.read import storage_env
 from pipeline.shards import Source
+from pipeline.write import OutputDir, part_range
 
-# Rows per decoded block, the unit the actors take: up to 1024 rows, and up to 64 MB of
-# decoded pixels (416 rows of 224x224 RGB). Ray Data costs a few ms per block at each stage
-# (actor call, format conversion, the driver's read); 1024-row blocks of small images took
-# 10% less time end to end than 512-row ones.
-MAX_ROWS_PER_BLOCK = 1024
-BLOCK_BYTES = 64 * 2**20
-# Decoded blocks per decode task. Each task costs Ray Data a scheduling round and a worker
-# lease, ~0.1-0.4 s on a busy 2-core machine, during which that decoder idles: with one
-# 512-row block per task the two decoders were busy 0.85 of the time, with four 1.2, and
-# the run took 15% less time. The task still yields each block as soon as it is decoded.
-BLOCKS_PER_TASK = 4
-# Half a CPU per decode task: on CPU the inference actor holds one CPU but is mostly idle
-# (its model is ~4x cheaper than a decode), so two decoders per spare core keep every core
-# busy. The differing request also keeps Ray Data from fusing decode into the actor, which
-# would serialise decode behind inference in one process per node.
-DECODE_CPUS = 0.5
+log = logging.getLogger(__name__)
 
 
 def execute(
-    cfg: RunConfig, units: list[str], spec, source: Source, done: AbstractSet[str],
-    fingerprint: str,
+    cfg: RunConfig, plan: Plan, listing: ListingFile, committed: list[str], spec,
+    source: Source, fingerprint: str, run_id: str,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield result batches (numpy dicts) for ``units`` (files or shards; rows in ``done`` are
-    skipped inside shards), in whatever order they finish."""
-    ensure_ray(cfg.address)
+    """Yield batches of part records (see :class:`pipeline.write.PartWriter`) as parts are
+    committed, in whatever order they finish."""
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-    actors = _actor_count(cfg)
-    # The default count is what the cluster holds now (its GPUs, or its nodes): start them all,
-    # since Ray Data grows a pool only once its running actors are busy, too late for a short
-    # run. An explicit --actors is a ceiling to grow to, e.g. on a cluster that autoscales.
-    min_actors = actors if cfg.actors is None else 1
-    rows = rows_per_block(len(units), actors, cfg.batch_size, int(np.prod(spec.shape)))
-    per_task = units_per_task(len(units), rows, _decode_slots(actors, cfg))
-    run_id = uuid.uuid4().hex  # names what the actors' crash guards record in the GCS
-    resources = _decode_resources()
-    # Reading the listing is part of each decode task (Ray Data fuses the two): no driver
-    # round trip to describe the blocks, no hop through the object store.
-    tables = source.blocks(units, done, per_task)
-    ds = ray.data.read_datasource(_Units(tables), override_num_blocks=len(tables), **resources)
-    ds = ds.map_batches(
-        _decode_task,
-        batch_size=None,
-        batch_format="numpy",
-        fn_kwargs={"source": source, "spec": spec, "max_pixels": cfg.max_pixels, "rows": rows},
-        **resources,
-    )
+    ctx.enable_progress_bars = False  # the CLI's status line says how far the run is
+    env = _task_env()
+    slices = _slices(listing.count, plan.units_per_task, committed)
+    decode: dict[str, Any] = {"num_cpus": plan.decode_cpus}
+    if plan.decode_memory:
+        decode["memory"] = plan.decode_memory
+    if env:
+        decode["runtime_env"] = env
+    units = _Slices(listing, slices, cfg.output, source, spec, cfg.max_pixels,
+                    plan.rows_per_block)
+    ds = ray.data.read_datasource(units, override_num_blocks=len(slices), **decode)
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={
             "model_path": cfg.model, "model_fn": cfg.model_fn,
             "batch_size": cfg.batch_size, "top_k": cfg.top_k, "logits": cfg.logits,
-            "compute_dtype": cfg.compute_dtype, "platform": cfg.actor_platform,
+            "compute_dtype": cfg.compute_dtype, "platform": plan.platform,
             "run_id": run_id, "fingerprint": fingerprint,
-            "device_batch_size": cfg.device_batch_size,
+            "device_batch_size": plan.device_batch_size,
+            "output": cfg.output, "rows_per_file": cfg.rows_per_file,
         },
-        # A whole decoded block per call; the actor feeds it to the device batch_size rows at
+        # A whole decoded block per call; the actor feeds it to the device a device batch at
         # a time. Ray Data's cost per call paid once per 32 rows was 60% of the actor's time.
-        batch_size=rows,
+        batch_size=plan.rows_per_block,
         batch_format="numpy",
         zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=actors),
-        **_actor_resources(cfg),
+        # Every actor is asked for at once: work starts as they arrive (Ray Data would
+        # otherwise grow the pool ~14% a step, one pending actor at a time). Two calls run
+        # per actor, on two threads sharing one device: one computes, the other writes.
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=plan.actors, initial_size=plan.actors,
+            max_concurrent_calls_per_actor=plan.calls_per_actor,
+            enable_true_multi_threading=True,
+        ),
+        **_actor_resources(plan, env),
     )
-    try:
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-    finally:
-        forget_run(run_id)
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
-class _Units(Datasource):
-    """The listing as a Ray Data source: one read task per table of units (paths or shards),
-    described from the driver's own copy, so planning costs no remote call."""
+def _slices(count: int, per_task: int, committed: list[str]) -> list[tuple[int, int, list]]:
+    """(lo, hi, committed parts whose listing range meets [lo, hi)) per decode task."""
+    ranges = sorted((r, name) for name in committed if (r := part_range(name)))
+    out, first = [], 0
+    for lo in range(0, count, per_task):
+        hi = min(count, lo + per_task)
+        while first < len(ranges) and ranges[first][0][1] <= lo:  # ends before this slice
+            first += 1
+        meets = []
+        for (a, b), name in ranges[first:]:
+            if a >= hi:
+                break
+            if b > lo:
+                meets.append(name)
+        out.append((lo, hi, meets))
+    return out
 
-    def __init__(self, tables: list[Any]):
-        self._tables = tables
+
+class _Slices(Datasource):
+    """The listing as a Ray Data source: one read task per slice, which decodes as it reads;
+    described from the driver's own numbers, so planning costs no remote call."""
+
+    def __init__(self, listing: ListingFile, slices, output: str, source: Source, spec,
+                 max_pixels: int, rows: int):
+        self._listing, self._slices, self._output = listing, slices, output
+        self._source, self._spec, self._max_pixels, self._rows = source, spec, max_pixels, rows
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(t.nbytes for t in self._tables)
+        return self._listing.count * int(np.prod(self._spec.shape))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+        image_bytes = int(np.prod(self._spec.shape))
         return [
             ReadTask(
-                lambda t=t: [t],
-                BlockMetadata(num_rows=t.num_rows, size_bytes=t.nbytes, input_files=None,
-                              exec_stats=None),
-                schema=t.schema,
+                lambda lo=lo, hi=hi, parts=parts: _decode_slice(
+                    self._listing, lo, hi, parts, self._output, self._source, self._spec,
+                    self._max_pixels, self._rows),
+                BlockMetadata(num_rows=hi - lo, size_bytes=(hi - lo) * image_bytes,
+                              input_files=None, exec_stats=None),
             )
-            for t in self._tables
+            for lo, hi, parts in self._slices
         ]
 
 
-def _decode_task(batch: dict[str, np.ndarray], source: Source, spec, max_pixels: int, rows: int):
+def _decode_slice(listing: ListingFile, lo: int, hi: int, parts: list[str], output: str,
+                  source: Source, spec, max_pixels: int, rows: int):
     # A generator: each decoded block goes downstream as soon as it is done, and a shard
     # becomes several blocks, never one huge one.
-    yield from source.decode(batch, spec, max_pixels, rows)
+    done = OutputDir(output).paths_in(parts) if parts else frozenset()
+    table = listing.read(lo, hi)
+    units = np.arange(lo, hi, dtype=np.int64)
+    for block in source.decode(table, units, done, spec, max_pixels, rows):
+        yield BlockAccessor.batch_to_block(block)
 
 
-def rows_per_block(n: int, actors: int, batch_size: int, image_bytes: int) -> int:
-    """Rows per decoded block: a whole number of model batches, at most MAX_ROWS_PER_BLOCK
-    rows and BLOCK_BYTES of images (but one batch at least), and small enough that a small
-    input still makes two blocks per actor: a block goes to one actor, so 200 images in one
-    block would keep every GPU but one idle."""
-    cap = min(MAX_ROWS_PER_BLOCK, BLOCK_BYTES // image_bytes) // batch_size * batch_size
-    per_actor = -(-n // (2 * actors))
-    return max(batch_size, min(cap, batch_size * -(-per_actor // batch_size)))
-
-
-def units_per_task(n: int, rows: int, slots: int) -> int:
-    """Units (files) per decode task: up to BLOCKS_PER_TASK blocks, but at least two tasks per
-    decode slot, so that a large cluster still decodes on every CPU."""
-    per_slot = -(-n // (2 * slots))
-    return rows * max(1, min(BLOCKS_PER_TASK, per_slot // rows))
-
-
-def _decode_slots(actors: int, cfg: RunConfig) -> int:
-    """How many decode tasks the cluster runs at once beside the actors."""
-    cpus = ray.cluster_resources().get("CPU", 1)
-    actor_cpus = 0 if cfg.gpus_per_actor > 0 else actors
-    return max(1, int((cpus - actor_cpus) / DECODE_CPUS))
-
-
-def _decode_resources() -> dict[str, Any]:
-    # Decode tasks read the inputs: give them the driver's object-store settings (endpoint,
-    # region, keys), which nodes started elsewhere do not have. Nothing set, nothing passed:
-    # tasks with their own runtime_env need worker processes of their own.
+def _task_env() -> dict[str, Any] | None:
+    # Decode tasks read the inputs and actors write the output: give them the driver's
+    # object-store settings (endpoint, region, keys), which nodes started elsewhere do not
+    # have. Nothing set, nothing passed: tasks with their own runtime_env need worker
+    # processes of their own.
     env = storage_env()
-    resources: dict[str, Any] = {"num_cpus": DECODE_CPUS}
-    if env:
-        resources["runtime_env"] = {"env_vars": env}
+    return {"env_vars": env} if env else None
+
+
+def _actor_resources(plan: Plan, env: dict[str, Any] | None) -> dict[str, Any]:
+    resources: dict[str, Any] = {"num_cpus": plan.actor_cpus}
+    env_vars = dict((env or {}).get("env_vars", {}))
+    if plan.actor_gpus > 0:
+        resources["num_gpus"] = plan.actor_gpus
+        if plan.actor_gpus < 1:  # several actors share a GPU: no 75% grab per process
+            env_vars["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    # (No num_gpus at all on CPU: some Ray versions treat num_gpus=0 as a GPU request. The
+    # actor pins JAX to its platform itself, see pipeline.device.configure.)
+    if env_vars:
+        resources["runtime_env"] = {"env_vars": env_vars}
     return resources
 
 
@@ -168,23 +164,3 @@ def ensure_ray(address: str | None) -> None:
         # address="local": without it, ray.init() joins any `ray start` head on this machine.
         ray.init(address="local", _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
 
-
-def _actor_count(cfg: RunConfig) -> int:
-    if cfg.actors:
-        return cfg.actors
-    if cfg.gpus_per_actor > 0:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        return max(1, int(gpus / cfg.gpus_per_actor))
-    # XLA:CPU already uses every core of its machine; two CPU actors on one node only fight.
-    return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
-
-
-def _actor_resources(cfg: RunConfig) -> dict[str, Any]:
-    if cfg.gpus_per_actor > 0:
-        env = {}
-        if cfg.gpus_per_actor < 1:  # several actors share a GPU: no 75% grab per process
-            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-        return {"num_gpus": cfg.gpus_per_actor, "runtime_env": {"env_vars": env}}
-    # Pass no num_gpus at all on CPU: some Ray versions treat num_gpus=0 as a GPU request.
-    # The actor pins JAX to the CPU itself (Predictor's platform argument).
-    return {"num_cpus": 1}

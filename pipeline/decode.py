@@ -140,6 +140,25 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
+def error_kind(exc: BaseException) -> str:
+    """What kind of failure an error row records (``error_kind``), so a run's errors can be
+    told apart at a glance: the data's (unreadable, not_an_image, corrupt, too_large, shard)
+    or the system's (model_failure, model_crash, no_result, set by the later stages)."""
+    kind = getattr(exc, "kind", None)
+    if kind:
+        return kind
+    if isinstance(exc, DecodeError):
+        text = str(exc)
+        if "max_pixels" in text:
+            return "too_large"
+        if "truncated or corrupt" in text or "not a readable" in text or "no pixels" in text:
+            return "corrupt"
+        return "not_an_image"
+    if isinstance(exc, OSError):  # missing, permission denied, not a regular file, I/O
+        return "unreadable"
+    return "corrupt"  # something Pillow raised from inside a decoder
+
+
 def error_text(exc: BaseException) -> str:
     """The ``error`` column: exception type and message, on one line."""
     message = " ".join(str(exc).split()) or "no message"
@@ -163,7 +182,8 @@ def decode_payloads(
     iterator that reads as it goes (:func:`pipeline.read.fetch_all`).
 
     Returns columns ``path``, ``image`` (N, H, W, C) uint8 (zeros on error rows), ``error``
-    ("" when ok: Ray Data turns an all-None column into float NaN) and ``_t_decode``: the
+    ("" when ok: Ray Data turns an all-None column into float NaN), ``error_kind`` (see
+    :func:`error_kind`; "" when ok) and ``_t_decode``: the
     seconds each row cost the caller. That is the time spent waiting for the row's payload
     plus decoding it: with reads running ahead in threads, the wait is whatever latency they
     did not hide, and the rows' seconds add up to the wall time of the loop.
@@ -171,6 +191,7 @@ def decode_payloads(
     n = len(paths)
     images = np.zeros((n, *spec.shape), np.uint8)  # (N, H, W, C) uint8
     errors = [""] * n
+    kinds = [""] * n  # error_kind: "" when ok, like error
     seconds = np.zeros(n, np.float64)
     payloads = iter(payloads)
     for i in range(n):
@@ -179,17 +200,18 @@ def decode_payloads(
         if payload is _END:
             raise ValueError(f"payloads ran out at row {i} of {n}; they must align with paths")
         if isinstance(payload, BaseException):
-            errors[i] = error_text(payload)
+            errors[i], kinds[i] = error_text(payload), error_kind(payload)
         else:
             try:
                 images[i] = decode_image(payload, spec, max_pixels)
             except Exception as e:  # any failure of one file is that row's error, never the run's
-                errors[i] = error_text(e)
+                errors[i], kinds[i] = error_text(e), error_kind(e)
         seconds[i] = time.perf_counter() - start
     return {
         "path": np.asarray(paths, dtype=object),
         "image": images,
         "error": np.asarray(errors, dtype=object),
+        "error_kind": np.asarray(kinds, dtype=object),
         "_t_decode": seconds,
     }
 

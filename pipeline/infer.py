@@ -25,12 +25,17 @@ import numpy as np
 from pipeline import device
 from pipeline.crash_guard import CrashGuard
 from pipeline.model import ModelError, ModelSpec, load_model
+from pipeline.write import PartWriter, output_schema
 
 log = logging.getLogger(__name__)
 
 # A device that fails this many times in one actor (each time replaced by a fresh process,
 # each time failing again) is not coming back: stop the run rather than retry for ever.
 MAX_DEVICE_FAILURES = 3
+# Seconds each stage spent per block: decode (the decode task), dispatch (host time issuing
+# device work), wait (host time blocked on device results; near zero: the device is
+# starved), infer (the actor's wall time for the block). The actor adds write.
+STAGES = ("decode", "dispatch", "wait", "infer")
 # Exit status of an actor that found its device broken (EX_TEMPFAIL: try again elsewhere).
 DEVICE_FAILURE_EXIT = 75
 _FIX = {
@@ -47,7 +52,8 @@ class Predictor:
         self, model_path: str | None, model_fn: str | None, batch_size: int, top_k: int,
         logits: bool = False, compute_dtype: str = "float32", run_id: str | None = None,
         platform: str = "cpu", fingerprint: str | None = None,
-        device_batch_size: int | None = None,
+        device_batch_size: int | None = None, output: str | None = None,
+        rows_per_file: int = 10_000,
     ):
         start = time.perf_counter()
         device.configure(platform)
@@ -75,6 +81,13 @@ class Predictor:
             )
         # In a Ray run: images that kill this process are found across its restarts.
         self.guard = CrashGuard(run_id) if run_id else None
+        # In a run: this actor commits its own results (see pipeline.write); without an
+        # output, __call__ returns the result columns instead (tests, benchmarks).
+        self.writer = None
+        if output is not None:
+            schema = output_schema(self.spec, self.logits)
+            self.writer = PartWriter(output, schema, rows_per_file)
+        self.where = {"node": _where(), "pid": os.getpid(), "device": self.executor.describe()}
         self.device_lock = threading.Lock()  # two calls in flight share one device
         log.info(
             "Predictor pid %d: model %s on %s, compiled in %.2fs (ready in %.2fs)",
@@ -83,8 +96,28 @@ class Predictor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """A decoded block -> its part records (in a run), or its result columns."""
+        result = self.predict(batch)
+        if self.writer is None:
+            return result
+        start = time.perf_counter()
+        units = np.asarray(batch["_unit"])
+        records = self.writer.write(result, units)
+        seconds = {k: float(np.sum(result[f"_t_{k}"])) for k in STAGES}
+        seconds["write"] = time.perf_counter() - start
+        out = {k: np.asarray([r[k] for r in records]) for k in records[0]}
+        for stage, total in seconds.items():  # the block's, on its first part
+            out[f"t_{stage}"] = np.array([total] + [0.0] * (len(records) - 1))
+        for key, value in self.where.items():
+            out[key] = np.asarray([value] * len(records))
+        return out
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """A decoded block -> result columns (``pipeline.write.output_schema``'s, plus the
+        per-row seconds of each stage as ``_t_<stage>``)."""
         images = batch["image"]  # (B, H, W, C) uint8
         errors = [e or None for e in batch["error"]]  # "" on the wire means ok
+        kinds = [k or None for k in batch.get("error_kind", [None] * len(errors))]
         good = np.flatnonzero([e is None for e in errors])
         every = len(good) == len(images)  # the usual block: a view, not a copy
         rows = slice(None) if every else good
@@ -95,11 +128,12 @@ class Predictor:
             spent = {k: v - before[k] for k, v in self.executor.seconds.items()}
         spent["infer"] = time.perf_counter() - start
         for i, err in zip(good, model_errors):
-            errors[i] = errors[i] or err
+            if err is not None and errors[i] is None:
+                errors[i], kinds[i] = err, model_error_kind(err)
         full = {k: np.zeros((len(images), *v.shape[1:]), v.dtype) for k, v in outputs.items()}
         for k, v in outputs.items():
             full[k][rows] = v
-        result = result_columns(self.fingerprint, self.spec, full, errors)
+        result = result_columns(self.fingerprint, self.spec, full, errors, kinds)
         result["path"] = batch["path"]
         result["_t_decode"] = batch["_t_decode"]
         for stage, seconds in spent.items():  # spread the block's time over its rows
@@ -141,16 +175,25 @@ def _where() -> str:
     return f"host {socket.gethostname()}"
 
 
+def model_error_kind(error: str) -> str:
+    """``error_kind`` of a row the model stage failed: the process died on it, or the model
+    raised or returned NaN/Inf for it."""
+    return "model_crash" if error.startswith("the inference process died") else "model_failure"
+
+
 def result_columns(
     fingerprint: str, spec: ModelSpec, outputs: dict[str, np.ndarray], errors: list[str | None],
+    kinds: list[str | None] | None = None,
 ) -> dict[str, Any]:
-    """Program outputs (see :meth:`pipeline.model.Model.program`) and per-row errors -> the
-    output columns (values on error rows are placeholders; the writer stores nulls there)."""
+    """Program outputs (see :meth:`pipeline.model.Model.program`) and per-row errors (and
+    their kinds) -> the output columns (values on error rows are placeholders; the writer
+    stores nulls there)."""
     n = len(errors)
     ok = np.array([e is None for e in errors], dtype=bool)
     cols: dict[str, Any] = {
         "status": np.where(ok, "ok", "error").astype(object),
         "error": np.asarray(errors, dtype=object),
+        "error_kind": np.asarray(kinds if kinds is not None else [None] * n, dtype=object),
         "model": np.full(n, fingerprint, dtype=object),
     }
     if spec.output == "embedding":

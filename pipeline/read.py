@@ -1,22 +1,18 @@
-"""Read stage: find the input images and load their bytes.
+"""Read stage: load the bytes of listed inputs (local paths or URIs), in the decode tasks.
 
-Inputs are a local directory (recursive), a single file, a glob, or the same on any
-filesystem pyarrow knows by URI (``s3://bucket/prefix``). Listing happens once, in the driver;
-loading happens in the decode tasks, so an unreadable or vanished file is one error row there.
+Listing is :mod:`pipeline.listing`'s; loading happens in the decode tasks, so an unreadable or
+vanished file is one error row there, never the run's failure.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import logging
 import os
 import stat
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 import pyarrow as pa
@@ -27,19 +23,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .ico".split()
 )
-_GLOB_CHARS = "*?["
-
-
-class InputError(ValueError):
-    """The input cannot be listed or holds no images; the message names it."""
-
-
-@dataclass(frozen=True)
-class Listing:
-    """Image paths to process (sorted, unique) and what was left out."""
-
-    paths: list[str]
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
 def is_uri(src: str) -> bool:
@@ -50,110 +33,11 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(src: str) -> Listing:
-    """List image files under ``src``; files with other extensions are skipped and counted."""
-    return list_files(src, is_image_name, "an image", "images")
-
-
-def list_files(src: str, accept: Callable[[str], bool], a_kind: str, kinds: str) -> Listing:
-    """List the files under ``src`` whose name ``accept`` takes (``a_kind``/``kinds``: "an
-    image"/"images", for messages); the others are skipped and counted."""
-    unlistable: list[str] = []  # directories that could not be read: their files are unknown
-    if is_uri(src):
-        found, single_file = _list_uri(src)
-    else:
-        found, single_file = _list_local(src.removeprefix("file://"), unlistable)
-        found = [_storable(p) for p in found]
-    if single_file:  # a file named explicitly is taken whatever its extension
-        return Listing(found)
-    taken = sorted({p for p in found if accept(p)})
-    skipped = {}
-    if len(found) != len(taken):
-        skipped[f"not {a_kind} extension"] = len(found) - len(taken)
-    if unlistable:
-        skipped["directory not readable"] = len(unlistable)
-    if not taken:
-        what = f"{len(found)} files, none with {a_kind} extension" if found else "no files"
-        raise InputError(f"Input '{src}' holds no {kinds} ({what}).")
-    return Listing(taken, skipped)
-
-
-def _storable(path: str) -> str:
-    """``path`` as valid UTF-8 for the ``path`` column. A POSIX file name is bytes; one that is
-    not UTF-8 (an old Latin-1 archive) cannot be stored as a string, so it becomes the file's
-    percent-encoded ``file://`` URI (RFC 8089), which :func:`load_bytes` reads back."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:  # os.listdir hands such bytes over as lone surrogates
-        return "file://" + urllib.parse.quote(os.fsencode(os.path.abspath(path)))
-
-
 def _local_path(path: str) -> str:
     """The file system name of a listed local path (undoes :func:`_storable`)."""
     if path.startswith("file://"):
         return os.fsdecode(urllib.parse.unquote_to_bytes(path[len("file://"):]))
     return path
-
-
-def _has_glob(src: str) -> bool:
-    return any(c in src for c in _GLOB_CHARS)
-
-
-def _list_local(src: str, unlistable: list[str]) -> tuple[list[str], bool]:
-    if _has_glob(src) and not os.path.lexists(src):  # 'photos[2019]' may be a real name
-        return [p for p in glob.glob(src, recursive=True) if not os.path.isdir(p)], False
-    if os.path.isdir(src):
-        out = []
-        seen: set[tuple[int, int]] = set()
-
-        def _warn_unlistable(err: OSError) -> None:
-            log.warning("Cannot list directory '%s': %s", err.filename, err.strerror)
-            unlistable.append(err.filename)
-
-        for root, dirs, files in os.walk(src, onerror=_warn_unlistable, followlinks=True):
-            # Symlinks are followed, so a link to an ancestor would list the same files again
-            # under ever longer paths; each real directory is listed once.
-            try:
-                st = os.stat(root)
-            except OSError as e:
-                _warn_unlistable(e)
-                dirs.clear()
-                continue
-            if (st.st_dev, st.st_ino) in seen:
-                log.warning("Not listing '%s' again: a symbolic link leads back to it", root)
-                dirs.clear()
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            dirs.sort()
-            out.extend(os.path.join(root, f) for f in files)
-        return out, False
-    if os.path.lexists(src):
-        return [src], True
-    raise InputError(f"Input '{src}' does not exist.")
-
-
-def _list_uri(src: str) -> tuple[list[str], bool]:
-    scheme = src.split("://", 1)[0]
-    pattern = src if _has_glob(src) else None
-    base = src
-    if pattern:
-        cut = min(i for i, c in enumerate(src) if c in _GLOB_CHARS)
-        base = src[: src.rfind("/", 0, cut)]
-    fs, root = filesystem(base)
-    try:
-        info = fs.get_file_info(root)
-        if info.type == pafs.FileType.NotFound:
-            raise InputError(f"Input '{src}' does not exist.")
-        if info.type == pafs.FileType.File:
-            return [base], True
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    except OSError as e:
-        raise InputError(f"Cannot list input '{src}': {e}") from e
-    paths = [f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File]
-    if pattern:
-        paths = [p for p in paths if fnmatch.fnmatchcase(p, pattern)]
-    return paths, False
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -1,54 +1,79 @@
-"""``pipeline.run``: list -> decode (Ray tasks) -> infer (Ray actor pool) -> write (driver).
+"""``pipeline.run``: list -> decode (Ray tasks) -> infer and write (Ray actors) -> summary.
 
-Everything is checked before any image is read: the model loads and traces for its input
-shape, the input lists to at least one image, the output directory is usable as asked.
+Everything the user can get wrong is checked before Ray starts: the model loads, traces and
+lowers for its input shape, the input lists to at least one unit, the output directory is
+usable as asked (and, on ``--resume``, holds rows of this same model and listing). Then the
+resource plan is made from the cluster (:mod:`pipeline.plan`), and the driver only counts the
+part records the actors send back, so its memory does not grow with the input.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
 from pipeline.config import RunConfig
 from pipeline.device import pin_to_cpu
-from pipeline.infer import empty_outputs, result_columns
+from pipeline.fingerprint import resume_refusal
+from pipeline.infer import STAGES, empty_outputs, result_columns
+from pipeline.listing import ListingFile
 from pipeline.model import Model, ModelError, check_model, load_model
-from pipeline.read import Listing
 from pipeline.shards import Source
-from pipeline.write import MANIFEST, SUMMARY, OutputDir, OutputError, ResultWriter, output_schema
+from pipeline.write import (
+    MANIFEST, SUMMARY, OutputDir, OutputError, PartWriter, Tally, output_schema,
+)
 
 log = logging.getLogger(__name__)
 
-# Seconds per stage, summed over rows: decode (the decode tasks), dispatch (host time issuing
-# device work), wait (host time blocked on device results: near zero, the device is
-# starved), infer (the actor's wall time per block), write.
-STAGES = ("decode", "dispatch", "wait", "infer")
+TIMELINE_POINTS = 400  # (seconds, rows) pairs kept for the report's throughput chart
 
 
 @dataclass
 class Summary:
-    """What a run did. ``rows_ok + rows_error`` covers every image input, resumed ones included."""
+    """What a run did. ``rows_ok + rows_error`` covers every input row, resumed ones included."""
 
     output: str
     model: str
+    input: str = ""
+    model_name: str = ""
+    started_at: str = ""
     rows_ok: int = 0
     rows_error: int = 0
     rows_resumed: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    errors_by_kind: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
     images_per_second: float = 0.0
     first_result_seconds: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_ms_per_image: dict[str, float] = field(default_factory=dict)
+    timeline: list[list[float]] = field(default_factory=list)
+    plan: dict[str, Any] = field(default_factory=dict)
+    actors: list[dict[str, Any]] = field(default_factory=list)
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    parts: int = 0
     completed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, for a status line: rows written (this run), of ``expected``
+    (None where unknown until read, as for shards), errors so far, elapsed seconds."""
+
+    rows: int
+    expected: int | None
+    errors: int
+    seconds: float
 
 
 def run(input: str, output: str, **options: Any) -> Summary:
@@ -60,76 +85,136 @@ def run(input: str, output: str, **options: Any) -> Summary:
     return run_config(RunConfig(input=str(input), output=str(output), **options))
 
 
-def run_config(cfg: RunConfig) -> Summary:
+def run_config(
+    cfg: RunConfig, on_progress: Callable[[Progress], None] | None = None,
+    on_plan: Callable[[Any], None] | None = None,
+) -> Summary:
+    """Run ``cfg``; ``on_plan`` is called with the plan before work starts, ``on_progress``
+    after each committed part."""
     start = time.perf_counter()
+    summary = Summary(output=cfg.output, model="", input=cfg.input,
+                      started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     pin_to_cpu()  # the driver traces and lowers; it leaves every accelerator to the actors
     model = load_model(cfg.model, cfg.model_fn)
-    check_model(model, cfg.batch_size, cfg.actor_platform, cfg.compute_dtype)
+    flops = check_model(model, cfg.batch_size, cfg.actor_platform, cfg.compute_dtype)
     if cfg.logits and model.spec.output != "classification":
         raise ModelError(
             f"{model.source} returns embeddings; --logits is for classification models (the "
             "embedding column already holds the raw values)."
         )
     source = Source.of(cfg)
-    listing = source.list(cfg.input)
     out = OutputDir(cfg.output)
-    done = prepare_output(out, cfg, listing, model)  # path -> status of rows already written
-    todo = source.todo(listing.paths, done.keys())
-    log.info(
-        "%d %s to read (%d rows already done), model %s",
-        len(todo), cfg.input_format, len(done), model.fingerprint,
-    )
-    writer = ResultWriter(out, output_schema(model.spec, cfg.logits), cfg.rows_per_file, set(done))
-    summary = Summary(
-        output=cfg.output, model=model.fingerprint, rows_resumed=len(done), skipped=listing.skipped
-    )
-    stage_totals = dict.fromkeys(STAGES, 0.0)
-    if todo:
-        from pipeline.dataflow import execute  # imports Ray: only when there is work
+    existed = out.fs.get_file_info(out.root).type.name != "NotFound"
+    _check_usable(out, cfg)
+    listing = source.list(cfg.input, cfg.output)
+    try:
+        fingerprint = _prepare(out, cfg, listing, model, source)
+    except BaseException:
+        listing.discard()
+        if not existed:
+            _remove_if_empty(out)
+        raise
+    listing = listing.moved(cfg.output)
+    committed = out.parts()
+    resumed = out.tally(committed) if committed else Tally()
+    log.info("%d %s listed (%d rows already done), model %s", listing.count,
+             cfg.input_format, resumed.ok + resumed.error, fingerprint)
+    summary.model, summary.model_name = fingerprint, model.name
+    summary.skipped, summary.rows_resumed = listing.skipped, resumed.ok + resumed.error
 
-        for batch in execute(cfg, todo, model.spec, source, done.keys(), model.fingerprint):
-            if summary.first_result_seconds is None:
-                summary.first_result_seconds = time.perf_counter() - start
-            for stage in STAGES:
-                stage_totals[stage] += float(np.sum(batch.pop(f"_t_{stage}")))
-            writer.add(batch)
-    missing = source.unaccounted(todo, writer.written)
-    if missing:  # never expected; if Ray ever loses rows, they still get their row, flagged
-        log.error("%d inputs came back with no result; writing them as error rows", len(missing))
-        writer.add(_error_batch(model, missing, "no result came back from the pipeline", cfg))
-    writer.flush()
-    stage_totals["write"] = writer.seconds
-    resumed = Counter(done.values())
-    summary.rows_ok = writer.counts["ok"] + resumed["ok"]
-    summary.rows_error = writer.counts["error"] + resumed["error"]
-    summary.seconds = time.perf_counter() - start
-    rows = writer.counts["ok"] + writer.counts["error"]  # this run's rows (a shard holds many)
-    summary.images_per_second = rows / summary.seconds if summary.seconds else 0.0
-    summary.stage_seconds = {k: round(v, 4) for k, v in stage_totals.items()}
-    summary.stage_ms_per_image = {
-        k: round(1000 * v / max(rows, 1), 4) for k, v in stage_totals.items()
-    }
+    from pipeline import dataflow, plan as planning  # import Ray only when there is work
+
+    dataflow.ensure_ray(cfg.address)
+    cluster = planning.Cluster.from_ray()
+    plan = planning.make_plan(
+        cfg, cluster, units=listing.count, image_bytes=int(np.prod(model.spec.shape)),
+        flops_per_image=flops, largest_shard=listing.largest if source.sharded else None)
+    for note in plan.notes:
+        log.info("plan: %s", note)
+    summary.plan = plan.to_json()
+    summary.nodes = [{"node_id": n.node_id, "node_ip": n.ip, "cpus": n.cpus, "gpus": n.gpus,
+                      "memory_gb": round(n.memory / 1e9, 1)} for n in cluster.nodes]
+    if on_plan is not None:
+        on_plan(plan)
+    expected = None if source.sharded else listing.count - summary.rows_resumed
+    run_id = uuid.uuid4().hex  # names what the actors' crash guards record in the GCS
+    tally, stats = Tally(), _Stats(start)
+    try:
+        if expected != 0:
+            records = dataflow.execute(cfg, plan, listing, committed, model.spec, source,
+                                       fingerprint, run_id)
+            for batch in records:
+                stats.add(batch, tally)
+                if summary.first_result_seconds is None:
+                    summary.first_result_seconds = time.perf_counter() - start
+                if on_progress is not None:
+                    on_progress(Progress(stats.rows, expected, tally.error, stats.elapsed()))
+    finally:
+        from pipeline.crash_guard import forget_run
+
+        forget_run(run_id)
+    if expected is not None and stats.rows < expected:
+        _write_missing(out, cfg, model, fingerprint, listing, tally, stats)
+    out.remove_temporaries()  # a writer killed mid-part leaves its temporary; none run now
+    resumed.merge(tally)
+    summary.rows_ok, summary.rows_error = resumed.ok, resumed.error
+    summary.errors_by_kind = resumed.by_kind()
+    stats.finish(summary)
     summary.completed = True
     out.write_json(SUMMARY, summary.to_json())
+    _write_report(cfg.output, summary)
     return summary
 
 
-def prepare_output(
-    out: OutputDir, cfg: RunConfig, listing: Listing, model: Model
-) -> dict[str, str]:
-    """Make ``out`` ready for this run; return the rows of these inputs already committed
-    there (on ``--resume``), path -> status."""
-    manifest = {
-        "input": cfg.input,
-        "inputs": len(listing.paths),
-        "listing_sha256": _listing_digest(listing.paths),
-        "model": model.fingerprint,
-        "model_name": model.name,
-        "top_k": cfg.top_k,
-        "logits": cfg.logits,
-        "compute_dtype": cfg.compute_dtype,
-        "source": Source.of(cfg).describe(),
-    }
+class _Stats:
+    """Counts the part records as they come: rows, stage seconds, parts, actors, timeline."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.rows = 0
+        self.parts = 0
+        self.seconds = dict.fromkeys((*STAGES, "write"), 0.0)
+        self.actors: dict[tuple[str, int], dict[str, Any]] = {}
+        self.timeline: list[list[float]] = [[0.0, 0]]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def add(self, batch: dict[str, np.ndarray], tally: Tally) -> None:
+        import json
+
+        for i in range(len(batch["part"])):
+            rows = int(batch["rows"][i])
+            self.rows += rows
+            self.parts += 1
+            part = Tally(ok=int(batch["ok"][i]), error=int(batch["error"][i]))
+            for kind, info in json.loads(batch["kinds"][i]).items():
+                part.kinds[kind] += info["count"]
+                part.examples[kind] = info["examples"]
+            tally.merge(part)
+            for stage in self.seconds:
+                self.seconds[stage] += float(batch[f"t_{stage}"][i])
+            key = (str(batch["node"][i]), int(batch["pid"][i]))
+            actor = self.actors.setdefault(key, {"node": key[0], "pid": key[1],
+                                                 "device": str(batch["device"][i]), "rows": 0})
+            actor["rows"] += rows
+        self.timeline.append([round(self.elapsed(), 3), self.rows])
+
+    def finish(self, summary: Summary) -> None:
+        summary.seconds = self.elapsed()
+        summary.images_per_second = self.rows / summary.seconds if summary.seconds else 0.0
+        summary.stage_seconds = {k: round(v, 4) for k, v in self.seconds.items()}
+        summary.stage_ms_per_image = {
+            k: round(1000 * v / max(self.rows, 1), 4) for k, v in self.seconds.items()
+        }
+        summary.parts = self.parts
+        summary.actors = list(self.actors.values())
+        step = max(1, len(self.timeline) // TIMELINE_POINTS)
+        summary.timeline = self.timeline[::step] + ([self.timeline[-1]] if step > 1 else [])
+        summary.timeline.append([round(summary.seconds, 3), self.rows])
+
+
+def _check_usable(out: OutputDir, cfg: RunConfig) -> None:
     if out.has_results():
         if cfg.overwrite:
             out.clear()
@@ -138,27 +223,52 @@ def prepare_output(
                 f"Output '{cfg.output}' already holds results; pass --overwrite to replace "
                 "them or --resume to finish an interrupted run."
             )
-    if cfg.resume:
-        before = out.read_json(MANIFEST)
-        if before is not None:
-            _check_resumable(cfg.output, before, manifest)
-            status = out.committed_status()  # one read of the part files
-            mine = Source.of(cfg).committed(set(status), listing.paths)
-            return {path: status[path] for path in mine}
+
+
+def _prepare(out: OutputDir, cfg: RunConfig, listing: ListingFile, model: Model,
+             source: Source) -> str:
+    """Check a ``--resume`` against the manifest there and write this run's manifest;
+    returns the fingerprint the run's rows carry."""
+    identity = model.identity
+    manifest = {
+        "input": cfg.input,
+        "inputs": listing.count,
+        "listing_sha256": listing.sha256,
+        "model": identity.fingerprint,
+        "model_name": model.name,
+        "model_identity": identity.to_json(),
+        "top_k": cfg.top_k,
+        "logits": cfg.logits,
+        "compute_dtype": cfg.compute_dtype,
+        "source": source.describe(),
+    }
+    before = out.read_json(MANIFEST) if cfg.resume else None
+    if before is not None:
+        _check_resumable(cfg.output, before, manifest)
+        if before["model"] != identity.fingerprint:  # same model under another JAX
+            log.warning(
+                "JAX %s traces this model to another program text than JAX %s did; weights, "
+                "spec and source are unchanged, so resumed rows keep fingerprint %s",
+                identity.jax, before["model_identity"].get("jax"), before["model"])
+            manifest["model"] = before["model"]
+            manifest["model_identity"] = before["model_identity"]
     out.write_json(MANIFEST, manifest)
-    return {}
+    return manifest["model"]
 
 
 def _check_resumable(output: str, before: dict, now: dict) -> None:
     if before.get("model") != now["model"]:
-        raise OutputError(
-            f"Cannot resume into '{output}': its rows were made by model {before.get('model')}, "
-            f"this run uses {now['model']}. Use --overwrite to start again."
-        )
+        why = resume_refusal(before.get("model_identity"), _identity(now))
+        if why is not None:
+            raise OutputError(
+                f"Cannot resume into '{output}': its rows were made by model "
+                f"{before.get('model')}, this run uses {now['model']} ({why}). Use --overwrite "
+                "to start again."
+            )
     if before.get("listing_sha256") != now["listing_sha256"]:
         raise OutputError(
             f"Cannot resume into '{output}': the input listing changed since that run "
-            f"({before.get('inputs')} images then, {now['inputs']} now). Use --overwrite."
+            f"({before.get('inputs')} inputs then, {now['inputs']} now). Use --overwrite."
         )
     source = before.get("source", {"format": "images"})
     if source != now["source"]:  # the source decides the row ids
@@ -174,17 +284,49 @@ def _check_resumable(output: str, before: dict, now: dict) -> None:
             )
 
 
-def _listing_digest(paths: list[str]) -> str:
-    import hashlib
+def _identity(manifest: dict):
+    from pipeline.fingerprint import ModelIdentity
 
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.encode("utf-8", "surrogateescape") + b"\0")
-    return h.hexdigest()
+    return ModelIdentity(**manifest["model_identity"])
 
 
-def _error_batch(model: Model, paths: list[str], message: str, cfg: RunConfig) -> dict[str, Any]:
-    outputs = empty_outputs(model.spec, len(paths), cfg.top_k, cfg.logits)
-    batch = result_columns(model.fingerprint, model.spec, outputs, [message] * len(paths))
-    batch["path"] = np.asarray(paths, dtype=object)
-    return batch
+def _remove_if_empty(out: OutputDir) -> None:
+    try:
+        if not out.entries():
+            out.fs.delete_dir(out.root)
+    except OSError:
+        pass
+
+
+def _write_missing(out: OutputDir, cfg: RunConfig, model: Model, fingerprint: str,
+                   listing: ListingFile, tally: Tally, stats: _Stats) -> None:
+    """Never expected: the rows written fall short of the listing. Find the inputs with no
+    row (a full scan, only now) and give each an error row, so every input still has one."""
+    written = out.paths_in(out.parts())
+    table = listing.read(0, listing.count)
+    paths = table.column("path").to_pylist()
+    missing = [i for i, p in enumerate(paths) if p not in written]
+    if not missing:
+        return
+    log.error("%d inputs came back with no result; writing them as error rows", len(missing))
+    names = [paths[i] for i in missing]
+    message = "no result came back from the pipeline"
+    outputs = empty_outputs(model.spec, len(names), cfg.top_k, cfg.logits)
+    columns = result_columns(fingerprint, model.spec, outputs, [message] * len(names),
+                             ["no_result"] * len(names))
+    columns["path"] = np.asarray(names, dtype=object)
+    writer = PartWriter(cfg.output, output_schema(model.spec, cfg.logits), cfg.rows_per_file)
+    for record in writer.write(columns, np.asarray(missing, np.int64)):
+        stats.rows += record["rows"]
+        stats.parts += 1
+    tally.error += len(names)
+    tally.add_errors(["no_result"] * len(names), names)
+
+
+def _write_report(output: str, summary: Summary) -> None:
+    from pipeline.report import write_report
+
+    try:
+        write_report(output, summary.to_json())
+    except Exception as e:  # the rows and the summary are what matter; say why, carry on
+        log.warning("Could not write the run report: %s", e)

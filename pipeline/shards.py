@@ -30,18 +30,17 @@ import posixpath
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.decode import decode_payloads, decode_rows
+from pipeline.listing import Entry, InputError, ListingFile, Walk, listed_paths
 from pipeline.model import ModelSpec
-from pipeline.read import (
-    IMAGE_EXTENSIONS, InputError, Listing, fetch_all, list_files, list_images, load_bytes,
-)
+from pipeline.read import IMAGE_EXTENSIONS, fetch_all, filesystem, is_image_name, load_bytes
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,8 @@ Payload = bytes | BaseException  # a row's encoded image, or why there is none
 class ShardError(ValueError):
     """Part of a shard cannot be read; the message says where it stopped."""
 
+    kind = "shard"  # its rows' error_kind
+
 
 @dataclass(frozen=True)
 class Source:
@@ -61,10 +62,11 @@ class Source:
     format: str = "images"
     image_column: str = "image"
     id_column: str = "id"
+    input_list: bool = False  # the input is a file listing the units (see pipeline.listing)
 
     @classmethod
     def of(cls, cfg) -> Source:
-        return cls(cfg.input_format, cfg.image_column, cfg.id_column)
+        return cls(cfg.input_format, cfg.image_column, cfg.id_column, cfg.input_list)
 
     @property
     def sharded(self) -> bool:
@@ -77,90 +79,84 @@ class Source:
             return {"format": self.format, **columns}
         return {"format": self.format}
 
-    def list(self, src: str) -> Listing:
-        """The units under ``src``: image files, or shard files of this format."""
-        if self.format == "images":
-            return list_images(src)
-        if self.format == "tar":
-            return list_files(src, _is_tar_name, "a tar shard", "tar shards")
-        listing = list_files(src, _is_parquet_name, "a Parquet", "Parquet files")
-        self._check_columns(listing.paths[0])
-        return listing
+    def list(self, src: str, into: str) -> ListingFile:
+        """List the units under ``src`` (image files, or shard files of this format) into a
+        temporary listing file in directory ``into``; InputError when there are none."""
+        if self.input_list:
+            listing = ListingFile.write(into, self._checked(listed_paths(src)))
+            if not listing.count:
+                raise InputError(f"Listing file '{src}' lists no inputs.")
+            return listing
+        accept, a_kind, kinds = {
+            "images": (is_image_name, "an image", "images"),
+            "tar": (_is_tar_name, "a tar shard", "tar shards"),
+            "parquet": (_is_parquet_name, "a Parquet", "Parquet files"),
+        }[self.format]
+        walk = Walk(src, accept, a_kind, kinds)
+        listing = ListingFile.write(into, self._checked(walk))
+        try:
+            return listing.with_skipped(walk.skipped_or_fail())
+        except InputError:
+            listing.discard()
+            raise
 
-    def committed(self, rows: set[str], units: list[str]) -> set[str]:
-        """The committed row paths that belong to ``units`` (for --resume)."""
-        if not self.sharded:
-            return rows & set(units)
-        shards = set(units)
-        return {r for r in rows if _shard_of(r, shards) is not None}
-
-    def todo(self, units: list[str], done: AbstractSet[str]) -> list[str]:
-        """Units still to read. A shard is read again even when some of its rows are done:
-        the decode task skips those (see :meth:`blocks`)."""
-        return units if self.sharded else [u for u in units if u not in done]
-
-    def blocks(self, units: list[str], done: AbstractSet[str], units_per_task: int) -> list[Any]:
-        """Arrow tables, one per decode task: runs of files, or one shard per task with the
-        rows of it already committed (column ``done``)."""
-        import pyarrow as pa
-
-        if not self.sharded:  # own buffers per table: a slice would carry the whole listing
-            return [
-                pa.table({"path": pa.array(units[i : i + units_per_task], type=pa.string())})
-                for i in range(0, len(units), units_per_task)
-            ]
-        by_shard: dict[str, list[str]] = {u: [] for u in units}
-        for row in done:
-            by_shard[_shard_of(row, by_shard)].append(row)
-        return [
-            pa.table({"path": [u], "done": pa.array([sorted(by_shard[u])], pa.list_(pa.string()))})
-            for u in units
-        ]
+    def _checked(self, entries: Iterable[Entry]) -> Iterator[Entry]:
+        entries = iter(entries)
+        first = next(entries, None)
+        if first is None:
+            return
+        if self.format == "parquet":
+            self._check_columns(first[0])
+        yield first
+        yield from entries
 
     def decode(
-        self, batch: dict[str, np.ndarray], spec: ModelSpec, max_pixels: int, rows_per_block: int
+        self, listing: pa.Table, units: np.ndarray, done: AbstractSet[str], spec: ModelSpec,
+        max_pixels: int, rows_per_block: int,
     ) -> Iterator[dict]:
-        """Decode one task's units: yields blocks of at most ``rows_per_block`` rows of
-        ``decode_rows`` columns, each as soon as it is decoded."""
+        """Decode one task's slice of the listing (columns path, size; ``units``: each row's
+        listing index), skipping rows already ``done``: yields blocks of at most
+        ``rows_per_block`` rows (``decode_payloads`` columns plus ``_unit``), each as soon as
+        it is decoded."""
+        paths = listing.column("path").to_pylist()
+        sizes = listing.column("size").to_pylist()
         if not self.sharded:
-            paths = list(batch["path"])
-            # Reads run ahead in threads across blocks; the listing has no sizes yet, so each
-            # object is opened by path (pass the listing's sizes here once it has them).
-            fetched = (payload for _, payload in fetch_all(paths, sizes=None))
+            keep = [i for i, p in enumerate(paths) if p not in done]
+            paths, sizes, units = [paths[i] for i in keep], [sizes[i] for i in keep], units[keep]
+            # Reads run ahead in threads across blocks; a known size saves a HEAD request.
+            fetched = (payload for _, payload in fetch_all(paths, sizes))
             for i in range(0, len(paths), rows_per_block):
                 block = paths[i : i + rows_per_block]
-                yield decode_payloads(block, itertools.islice(fetched, len(block)), spec,
+                out = decode_payloads(block, itertools.islice(fetched, len(block)), spec,
                                       max_pixels)
+                out["_unit"] = units[i : i + rows_per_block]
+                yield out
             return
-        for shard, done in zip(batch["path"], batch["done"]):
-            rows = self._expand(shard)
-            yield from _decode_chunks(rows, set(done), spec, max_pixels, rows_per_block)
+        for shard, size, unit in zip(paths, sizes, units):
+            rows = self._expand(shard, size)
+            for out in _decode_chunks(rows, done, spec, max_pixels, rows_per_block):
+                out["_unit"] = np.full(len(out["path"]), unit, np.int64)
+                yield out
 
-    def unaccounted(self, units: list[str], written: set[str]) -> list[str]:
-        """Units with no row in ``written``: they get an error row (never expected)."""
-        if not self.sharded:
-            return [u for u in units if u not in written]
-        shards = set(units)
-        seen = {_shard_of(r, shards) for r in written}
-        return [u for u in units if u not in seen]
-
-    def _expand(self, shard: str) -> Iterator[tuple[str, Payload]]:
+    def _expand(self, shard: str, size: int | None) -> Iterator[tuple[str, Payload]]:
         try:
-            data = load_bytes(shard)
+            data = load_bytes(shard, size)
         except Exception as e:  # an unreadable shard is one error row, like an unreadable file
-            yield shard, e
+            yield shard, ShardError(f"shard unreadable: {type(e).__name__}: {e}")
             return
-        if self.format == "tar":
-            yield from tar_rows(shard, data)
-        else:
-            yield from parquet_rows(shard, data, self.image_column, self.id_column)
+        rows = tar_rows(shard, data) if self.format == "tar" else parquet_rows(
+            shard, data, self.image_column, self.id_column)
+        empty = True
+        for row in rows:
+            empty = False
+            yield row
+        if empty:  # every shard accounts for itself with at least one row
+            yield shard, ShardError(f"{self.format} shard holds no images")
 
     def _check_columns(self, path: str) -> None:
         # Fail before any work on a misnamed column: one footer read, the first file only (a
         # later file without the column is an error row for that file).
         import pyarrow.parquet as pq
-
-        from pipeline.read import filesystem
 
         fs, inner = filesystem(path)
         try:
@@ -183,19 +179,6 @@ def _is_tar_name(path: str) -> bool:
 
 def _is_parquet_name(path: str) -> bool:
     return path.lower().endswith(".parquet")
-
-
-def _shard_of(row: str, shards) -> str | None:
-    """The shard in ``shards`` that row path ``row`` comes from, or None. Member names and ids
-    may contain '/', so try each prefix that ends before a '/'."""
-    if row in shards:
-        return row
-    cut = row.find("/")
-    while cut != -1:
-        if row[:cut] in shards:
-            return row[:cut]
-        cut = row.find("/", cut + 1)
-    return None
 
 
 def _decode_chunks(

@@ -1,29 +1,41 @@
 """Write stage: result rows -> committed Parquet part files, exactly once per input.
 
-The driver is the single writer. Rows stream in from the actors, are buffered, and each full
-buffer becomes ``part-NNNNN-<run>.parquet``: written under a temporary ``_tmp-*`` name and then
-renamed, so a half-written file is never visible as a result (pyarrow skips ``_`` names, and
-the temporary does not end in ``.parquet``, so ``*.parquet`` globs skip it too).
-``_manifest.json`` records the input listing and model fingerprint; ``--resume`` reads
-the ``path`` column of the committed parts and skips those inputs.
+Parts are written beside the data, by the inference actors, never by the driver: each block of
+results becomes ``part-<lo>-<hi>-<digest>.parquet``, named only by the rows it holds (``lo``
+and ``hi``: the first and one past the last listing index of its inputs; ``digest``: sha256 of
+its row paths). A retried block (a restarted actor, a lost node, Ray re-running lineage) holds
+the same rows, so it rewrites the same file instead of adding a second copy; a resumed run
+skips committed rows, so its parts hold other rows and get other names.
+
+Commit protocol, the one place it lives:
+
+1. a part is written under a temporary ``_tmp-*`` name, then renamed (one atomic rename on a
+   filesystem; on an object store a single PUT, which is all or nothing), so no reader ever
+   sees half a file: pyarrow skips ``_`` names, and a temporary does not end in ``.parquet``,
+   so DuckDB's ``*.parquet`` glob skips it too;
+2. the actor returns a small record per part (name, row counts, error kinds, stage times): the
+   driver never holds rows, only these, and writes ``_manifest.json`` and ``_summary.json``;
+3. ``--resume``: the driver lists the part names (not their rows); each decode task reads the
+   ``path`` column of the parts whose range meets its slice of the listing and skips those
+   inputs, so no input is computed twice and the driver's memory does not grow with them.
 
 Why not Ray Data's ``write_parquet`` + ``CheckpointConfig`` (read in Ray 2.60, where it is
-beta): it only switches on for a plan that starts with a Ray read and ends with a Ray write
-(otherwise it warns and does nothing); the datasink writes each part straight to its final name
-and deletes the parts of uncommitted checkpoints only when the next run restores, so after a
-crash readers of the output can see partial or orphaned files; a restore loads every finished
-id into memory and still reads every input file, filtering after the read; and it records
-nothing about the model, so resuming with other weights would silently mix their rows. One
-writer in the driver makes the commit point a single rename, and the manifest refuses a
-different model; the rows are small (a prediction, not an image), so this is not a bottleneck.
+beta): it only switches on for a plan that starts with a Ray read and ends with a Ray write;
+the datasink writes each part straight to its final name and deletes the parts of uncommitted
+checkpoints only when the next run restores, so after a crash readers can see partial or
+orphaned files; a restore loads every finished id into memory; and it records nothing about
+the model, so resuming with other weights would silently mix their rows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import time
+import re
 import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +52,12 @@ log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 SUMMARY = "_summary.json"
 REPORT = "_report.html"
+LISTING = "_listing.arrow"
 PART_PREFIX = "part-"
+TEMPORARY = "_tmp-"
+OURS = (MANIFEST, SUMMARY, REPORT, LISTING)
+_PART = re.compile(r"part-(\d+)-(\d+)-[0-9a-f]+\.parquet$")
+EXAMPLES = 5  # example paths kept per error kind
 
 
 class OutputError(ValueError):
@@ -58,6 +75,7 @@ def output_schema(spec: ModelSpec, logits: bool = False) -> pa.Schema:
         pa.field("path", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
+        pa.field("error_kind", pa.string()),
     ]
     if spec.output == "embedding":
         fields.append(pa.field("embedding", pa.list_(pa.float32(), spec.output_dim)))
@@ -91,7 +109,7 @@ def to_table(batch: dict[str, Any], schema: pa.Schema) -> pa.Table:
             else:
                 offsets = pa.array(np.arange(0, len(matrix) * k + 1, k, dtype=np.int32))
                 arr = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(null))
-        elif f.name == "error":
+        elif f.name in ("error", "error_kind"):
             arr = pa.array([e if bad else None for e, bad in zip(values, null)], type=f.type)
         elif f.name in ("path", "status", "model"):
             arr = pa.array(list(values), type=f.type)
@@ -99,6 +117,91 @@ def to_table(batch: dict[str, Any], schema: pa.Schema) -> pa.Table:
             arr = pa.array(np.asarray(values), type=f.type, mask=null)
         columns.append(arr)
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def part_name(units: np.ndarray, paths) -> str:
+    """The name of the part holding these rows: their listing range and a digest of paths."""
+    digest = hashlib.sha256("\0".join(sorted(map(str, paths))).encode("utf-8", "surrogatepass"))
+    return f"{PART_PREFIX}{int(units.min()):010d}-{int(units.max()) + 1:010d}-" \
+           f"{digest.hexdigest()[:16]}.parquet"
+
+
+def part_range(name: str) -> tuple[int, int] | None:
+    """(lo, hi) listing range of a part from its name; None for a name not ours."""
+    m = _PART.search(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@dataclass
+class Tally:
+    """Row counts by status, and error rows by kind with a few example paths."""
+
+    ok: int = 0
+    error: int = 0
+    kinds: dict[str, int] = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add_errors(self, kinds, paths) -> None:
+        for kind, path in zip(kinds, paths):
+            kind = kind or "unknown"
+            self.kinds[kind] += 1
+            shown = self.examples.setdefault(kind, [])
+            if len(shown) < EXAMPLES:
+                shown.append(path)
+
+    def merge(self, other: Tally) -> None:
+        self.ok += other.ok
+        self.error += other.error
+        for kind, n in other.kinds.items():
+            self.kinds[kind] += n
+            shown = self.examples.setdefault(kind, [])
+            shown += other.examples.get(kind, [])[: EXAMPLES - len(shown)]
+
+    def by_kind(self) -> dict[str, dict[str, Any]]:
+        return {k: {"count": n, "examples": self.examples.get(k, [])}
+                for k, n in sorted(self.kinds.items(), key=lambda kv: -kv[1])}
+
+
+class PartWriter:
+    """Commits result blocks as part files (in the actors; see the module docstring)."""
+
+    def __init__(self, output: str, schema: pa.Schema, rows_per_file: int):
+        self.out = OutputDir(output)
+        self.schema = schema
+        self.rows_per_file = rows_per_file
+
+    def write(self, columns: dict[str, Any], units: np.ndarray) -> list[dict[str, Any]]:
+        """Write a block's result columns (with each row's listing index in ``units``) as one
+        part per ``rows_per_file`` rows; returns one record per part."""
+        records = []
+        n = len(units)
+        for lo in range(0, n, self.rows_per_file):
+            rows = slice(lo, min(n, lo + self.rows_per_file))
+            part = {k: v[rows] for k, v in columns.items()}
+            table = to_table(part, self.schema)
+            name = part_name(units[rows], part["path"])
+            self.out.commit_table(name, table)
+            tally = Tally()
+            status = np.asarray(part["status"])
+            tally.ok = int((status == "ok").sum())
+            tally.error = int((status != "ok").sum())
+            bad = np.flatnonzero(status != "ok")
+            tally.add_errors(np.asarray(part["error_kind"])[bad], np.asarray(part["path"])[bad])
+            records.append({"part": name, "rows": len(status), "ok": tally.ok,
+                            "error": tally.error, "kinds": json.dumps(tally.by_kind()),
+                            "units": json.dumps(unit_ranges(units[rows]))})
+        return records
+
+
+def unit_ranges(units: np.ndarray) -> list[list[int]]:
+    """Sorted listing indices as [lo, hi) runs: a block's usually one."""
+    u = np.unique(units)
+    if not len(u):
+        return []
+    breaks = np.flatnonzero(np.diff(u) != 1)
+    starts = np.concatenate([[0], breaks + 1])
+    ends = np.concatenate([breaks, [len(u) - 1]])
+    return [[int(u[s]), int(u[e]) + 1] for s, e in zip(starts, ends)]
 
 
 @dataclass
@@ -124,31 +227,32 @@ class OutputDir:
         return self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
 
     def parts(self) -> list[str]:
+        """Names of the committed part files, sorted (by listing range)."""
         return sorted(
-            e.path for e in self.entries()
+            e.base_name for e in self.entries()
             if e.base_name.startswith(PART_PREFIX) and e.base_name.endswith(".parquet")
         )
 
     def has_results(self) -> bool:
-        return any(
-            e.base_name.startswith(PART_PREFIX) or e.base_name in (MANIFEST, SUMMARY)
-            for e in self.entries()
-        )
+        return any(e.base_name.startswith(PART_PREFIX) or e.base_name in OURS
+                   for e in self.entries())
 
     def clear(self) -> None:
-        """Delete our own files (parts, manifest, summary, report, temporaries); leave the rest."""
+        """Delete our own files (parts, manifest, summary, report, listing, temporaries);
+        leave anything else."""
         for e in self.entries():
-            if e.base_name.startswith((PART_PREFIX, "_tmp-")) or e.base_name in (
-                MANIFEST, SUMMARY, REPORT
-            ):
+            if e.base_name.startswith((PART_PREFIX, TEMPORARY)) or e.base_name in OURS:
                 self.fs.delete_file(e.path)
 
-    def remove_temporaries(self) -> None:
-        """Delete ``_tmp-*`` files: what a killed run was writing when it died."""
+    def remove_temporaries(self, keep: tuple[str, ...] = ()) -> None:
+        """Delete ``_tmp-*`` files: what a killed writer was writing when it died."""
         for e in self.entries():
-            if e.base_name.startswith("_tmp-"):
-                log.info("Removing '%s', left by an interrupted run", e.path)
-                self.fs.delete_file(e.path)
+            if e.base_name.startswith(TEMPORARY) and e.base_name not in keep:
+                log.info("Removing '%s', left by an interrupted writer", e.path)
+                try:
+                    self.fs.delete_file(e.path)
+                except FileNotFoundError:  # another writer's cleanup got there first
+                    pass
 
     def read_json(self, name: str) -> dict | None:
         try:
@@ -163,13 +267,33 @@ class OutputDir:
     def write_text(self, name: str, text: str) -> None:
         self._atomic_write(name, text.encode())
 
-    def committed_status(self) -> dict[str, str]:
-        """Path -> status ("ok" or "error") of every row in the committed part files."""
-        done: dict[str, str] = {}
-        for part in self.parts():
-            table = pq.read_table(part, columns=["path", "status"], filesystem=self.fs)
-            done.update(zip(table.column("path").to_pylist(), table.column("status").to_pylist()))
+    def paths_in(self, names: list[str]) -> set[str]:
+        """The ``path`` column of these parts (a decode task's already-done inputs)."""
+        done: set[str] = set()
+        for name in names:
+            table = pq.read_table(self._path(name), columns=["path"], filesystem=self.fs)
+            done.update(table.column("path").to_pylist())
         return done
+
+    def tally(self, names: list[str], threads: int = 16) -> Tally:
+        """Rows by status and error kind in these parts (read in parallel, a few columns)."""
+        total = Tally()
+
+        def one(name: str) -> Tally:
+            table = pq.read_table(self._path(name), filesystem=self.fs,
+                                  columns=["path", "status", "error_kind"])
+            status = np.asarray(table.column("status").to_pylist(), dtype=object)
+            t = Tally(ok=int((status == "ok").sum()), error=int((status != "ok").sum()))
+            bad = np.flatnonzero(status != "ok")
+            if len(bad):
+                kinds = table.column("error_kind").take(pa.array(bad)).to_pylist()
+                t.add_errors(kinds, table.column("path").take(pa.array(bad)).to_pylist())
+            return t
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for t in pool.map(one, names):
+                total.merge(t)
+        return total
 
     def _atomic_write(self, name: str, data: bytes) -> None:
         self.fs.create_dir(self.root, recursive=True)
@@ -178,8 +302,8 @@ class OutputDir:
                 f.write(data)
             return
         # Not ending in .parquet: DuckDB's 'dir/*.parquet' skips no '_' names, and would trip
-        # on a half-written temporary left by a killed run.
-        tmp = self._path(f"_tmp-{name}.{uuid.uuid4().hex}")
+        # on a half-written temporary left by a killed writer.
+        tmp = self._path(f"{TEMPORARY}{name}.{uuid.uuid4().hex}")
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, self._path(name))
@@ -188,63 +312,3 @@ class OutputDir:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         self._atomic_write(name, sink.getvalue().to_pybytes())
-
-
-class ResultWriter:
-    """Buffers result batches and commits them as part files; drops rows already written."""
-
-    def __init__(
-        self, out: OutputDir, schema: pa.Schema, rows_per_file: int, done: set[str],
-        flush_seconds: float = 30.0,
-    ):
-        self.out = out
-        self.schema = schema
-        self.rows_per_file = rows_per_file
-        # Commit at least this often, so a killed driver loses little work to --resume.
-        self.flush_seconds = flush_seconds
-        self.last_flush = time.monotonic()
-        self.written = done  # paths committed by this or an earlier run
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.run_id = uuid.uuid4().hex[:8]
-        out.remove_temporaries()  # one writer per output: any temporary is a dead run's
-        self.seq = len(out.parts())
-        self.counts = {"ok": 0, "error": 0, "duplicate_dropped": 0}
-        self.seconds = 0.0
-
-    def add(self, batch: dict[str, Any]) -> None:
-        start = time.perf_counter()
-        paths = list(batch["path"])
-        keep = np.array([p not in self.written for p in paths], dtype=bool)
-        if len(set(paths)) != len(paths):  # a path twice in one batch: keep its first row
-            seen: set[str] = set()
-            keep &= np.array([not (p in seen or seen.add(p)) for p in paths], dtype=bool)
-        if not keep.all():
-            self.counts["duplicate_dropped"] += int((~keep).sum())
-            log.warning("Dropped %d rows whose path was already written", int((~keep).sum()))
-            batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
-        table = to_table(batch, self.schema)
-        self.written.update(table.column("path").to_pylist())
-        statuses = np.asarray(batch["status"])
-        self.counts["ok"] += int((statuses == "ok").sum())
-        self.counts["error"] += int((statuses != "ok").sum())
-        self.buffer.append(table)
-        self.buffered += table.num_rows
-        while self.buffered >= self.rows_per_file:
-            self._commit(self.rows_per_file)
-        if time.monotonic() - self.last_flush > self.flush_seconds:
-            self.flush()
-        self.seconds += time.perf_counter() - start
-
-    def flush(self) -> None:
-        """Commit everything buffered."""
-        if self.buffered:
-            self._commit(self.buffered)
-
-    def _commit(self, rows: int) -> None:
-        table = pa.concat_tables(self.buffer)
-        self.out.commit_table(f"{PART_PREFIX}{self.seq:05d}-{self.run_id}.parquet", table.slice(0, rows))
-        self.seq += 1
-        rest = table.slice(rows)
-        self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
-        self.last_flush = time.monotonic()

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import urllib.parse
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ from PIL import Image
 import pipeline
 from pipeline import digits, shards
 from pipeline.decode import DecodeError, decode_image
+from pipeline.listing import list_images
 from pipeline.model import load_model
-from pipeline.read import list_images
 
 OK = "ok"
 BOMB = (r"image holds {} pixels, over the max_pixels limit of 100,000,000 "
@@ -246,7 +247,30 @@ def test_bad_input_corpus_through_the_cli(tmp_path):
     for reason, count in skipped.items():
         assert f"skipped: {count} files ({reason})" in result.stdout
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("part-")) == [
-        "_manifest.json", "_summary.json"]
+        "_listing.arrow", "_manifest.json", "_report.html", "_summary.json"]
+
+    # Errors are grouped by kind, in each row and in the summary: the data's fault or not.
+    kinds = {r["path"]: r["error_kind"] for r in rows}
+    assert all(kinds[p] is None for p, want in expected.items() if want == OK)
+    wrong_kind = {p: kinds[p] for p, want in expected.items()
+                  if want != OK and kinds[p] != kind_of_error(p)}
+    assert not wrong_kind, wrong_kind
+    counts = {k: v["count"] for k, v in summary["errors_by_kind"].items()}
+    assert counts == dict(Counter(kind_of_error(p) for p, w in expected.items() if w != OK))
+    assert all(set(v["examples"]) <= set(expected) for v in summary["errors_by_kind"].values())
+
+
+# The error_kind each bad file of the corpus must get, by its name.
+KINDS = {"zero.png": "not_an_image", "text.jpg": "not_an_image", "page.jpeg": "not_an_image",
+         "random.webp": "not_an_image", "truncated.jpg": "corrupt", "truncated.png": "corrupt",
+         "bad_crc.png": "corrupt", "png_signature_only.png": "corrupt",
+         "jpeg_header_only.jpg": "corrupt", "gif_header_only.gif": "corrupt",
+         "bomb.png": "too_large", "huge_bomb.png": "too_large", "nested_bomb.ico": "too_large"}
+
+
+def kind_of_error(path: str) -> str:
+    """Files under special/ fail to be read at all (links, FIFOs, devices, permissions)."""
+    return KINDS.get(Path(path).name, "unreadable")
 
 
 def test_file_vanishing_between_listing_and_reading(ray_local, tmp_path, monkeypatch):
@@ -257,13 +281,15 @@ def test_file_vanishing_between_listing_and_reading(ray_local, tmp_path, monkeyp
         (src / f"{i}.png").write_bytes(png)
     victims = [src / "2.png", src / "4.png"]
 
-    def list_then_lose_files(where: str):
-        listing = list_images(where)  # the real listing, then the files go away
+    real_list = shards.Source.list
+
+    def list_then_lose_files(self, where: str, into: str):
+        listing = real_list(self, where, into)  # the real listing, then the files go away
         for path in victims:
             path.unlink()
         return listing
 
-    monkeypatch.setattr(shards, "list_images", list_then_lose_files)  # what the run lists with
+    monkeypatch.setattr(shards.Source, "list", list_then_lose_files)  # what the run lists with
     summary = pipeline.run(str(src), str(tmp_path / "out"), progress=False)
     rows = {r["path"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     assert len(rows) == 6 and (summary.rows_ok, summary.rows_error) == (4, 2)

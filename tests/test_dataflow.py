@@ -1,44 +1,56 @@
-"""How a run is cut into decode tasks and blocks, and what a decode task yields (no Ray)."""
+"""What a decode task does with its slice of the listing (no Ray), and how slices meet the
+committed parts on --resume."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from conftest import digit_images
 from PIL import Image
 
 from pipeline import dataflow
+from pipeline.listing import ListingFile
 from pipeline.model import load_model
 from pipeline.shards import Source
+from pipeline.write import part_name
 
 
-@pytest.mark.parametrize("n", [1, 31, 200, 2_000, 20_000, 1_000_003])
-@pytest.mark.parametrize("actors,slots", [(1, 2), (4, 60)])
-@pytest.mark.parametrize("image_bytes", [32 * 32, 224 * 224 * 3, 4000 * 3000 * 3])
-def test_tasks_and_blocks_cover_every_unit(n, actors, slots, image_bytes):
-    rows = dataflow.rows_per_block(n, actors, 32, image_bytes)
-    per_task = dataflow.units_per_task(n, rows, slots)
-    assert rows % 32 == 0 and rows <= dataflow.MAX_ROWS_PER_BLOCK
-    assert rows == 32 or rows * image_bytes <= dataflow.BLOCK_BYTES  # one batch at least
-    assert per_task % rows == 0 and per_task <= dataflow.BLOCKS_PER_TASK * rows
-    tables = Source().blocks([f"{i}.png" for i in range(n)], set(), per_task)
-    assert sum(t.num_rows for t in tables) == n
-    assert [t.column("path")[0].as_py() for t in tables] == [f"{i}.png" for i in range(0, n, per_task)]
-    if n >= 2 * slots * dataflow.BLOCKS_PER_TASK * rows:  # big input: big tasks
-        assert per_task == dataflow.BLOCKS_PER_TASK * rows
-    if n >= 2 * slots * rows:  # enough work: every decode slot gets two tasks
-        assert len(tables) >= 2 * slots
-
-
-def test_a_task_yields_blocks_of_at_most_rows(tmp_path):
+def test_a_task_yields_blocks_of_at_most_rows_and_skips_what_is_done(tmp_path):
     images, _ = digit_images(10)
     paths = []
     for i, img in enumerate(images):
         path = tmp_path / f"{i}.png"
         Image.fromarray(img[:, :, 0]).save(path)
         paths.append(str(path))
+    listing = ListingFile.write(str(tmp_path / "out"), ((p, None) for p in paths))
     spec = load_model().spec
-    blocks = list(Source().decode({"path": np.array(paths, object)}, spec, 10**8, 4))
+    table = listing.read(0, 10)
+    blocks = list(Source().decode(table, np.arange(10), set(), spec, 10**8, 4))
     assert [len(b["path"]) for b in blocks] == [4, 4, 2]
     assert [p for b in blocks for p in b["path"]] == paths
+    assert [u for b in blocks for u in b["_unit"]] == list(range(10))
     np.testing.assert_array_equal(np.concatenate([b["image"] for b in blocks]), images)
+    done = {paths[1], paths[7]}
+    again = list(Source().decode(table, np.arange(10), done, spec, 10**8, 4))
+    assert [u for b in again for u in b["_unit"]] == [0, 2, 3, 4, 5, 6, 8, 9]
+
+
+def test_listing_file_reads_any_slice(tmp_path):
+    paths = [f"/x/{i:05d}.png" for i in range(3000)]
+    listing = ListingFile.write(str(tmp_path), ((p, i) for i, p in enumerate(paths)))
+    assert listing.count == 3000 and listing.largest == 2999
+    for lo, hi in [(0, 1), (0, 3000), (1023, 1025), (1024, 2048), (2999, 3000), (5, 2100)]:
+        table = listing.read(lo, hi)
+        assert table.column("path").to_pylist() == paths[lo:hi]
+        assert table.column("size").to_pylist() == list(range(lo, hi))
+
+
+def test_slices_get_exactly_the_parts_that_meet_them():
+    """A wrong overlap test (<= for <, or parts matched by start only) hands a task parts it
+    does not need or, worse, misses one and recomputes committed rows."""
+    parts = [part_name(np.arange(a, b), [f"{a}-{b}"]) for a, b in
+             [(0, 100), (100, 250), (240, 260), (600, 700), (999, 1000)]]
+    slices = dataflow._slices(1000, 250, parts)
+    assert [(lo, hi) for lo, hi, _ in slices] == [(0, 250), (250, 500), (500, 750), (750, 1000)]
+    assert [len(meets) for _, _, meets in slices] == [3, 1, 1, 1]
+    assert slices[0][2] == parts[:3] and slices[1][2] == [parts[2]]
+    assert slices[2][2] == [parts[3]] and slices[3][2] == [parts[4]]

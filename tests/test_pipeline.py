@@ -16,7 +16,7 @@ from pipeline.write import OutputError
 
 EXPECTED_SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False), pa.field("status", pa.string(), nullable=False),
-    ("error", pa.string()), ("label", pa.int32()), ("label_name", pa.string()),
+    ("error", pa.string()), ("error_kind", pa.string()), ("label", pa.int32()), ("label_name", pa.string()),
     ("score", pa.float32()), ("topk_labels", pa.list_(pa.int32())),
     ("topk_scores", pa.list_(pa.float32())), pa.field("model", pa.string(), nullable=False),
 ])

@@ -27,7 +27,7 @@ import pipeline
 from pipeline.config import RunConfig
 from pipeline.digits import write_samples
 from pipeline.model import load_model
-from pipeline.read import list_images
+from pipeline.listing import list_images
 from pipeline.runner import prepare_output
 from pipeline.write import OutputDir, OutputError, ResultWriter
 

@@ -92,7 +92,7 @@ def test_s3_resume_skips_committed_rows(s3):
 
 
 def test_missing_bucket_prefix_is_one_clear_error(s3, tmp_path):
-    from pipeline.read import InputError
+    from pipeline.listing import InputError
 
     with pytest.raises(InputError, match=f"s3://{BUCKET}/nothing-here"):
         pipeline.run(f"s3://{BUCKET}/nothing-here", str(tmp_path / "out"))

@@ -19,7 +19,7 @@ import pytest
 
 import pipeline
 from pipeline.cli import main
-from pipeline.read import InputError
+from pipeline.listing import InputError
 from pipeline.shards import ShardError, parquet_rows, tar_rows
 
 NOT_AN_IMAGE = b"this is not an image"

@@ -1,0 +1,306 @@
+"""List stage: what a run reads, written once to ``_listing.arrow`` beside the output.
+
+Inputs are a local directory (recursive), a single file, a glob, the same on any filesystem
+pyarrow knows by URI (``s3://bucket/prefix``), or a *listing file* (``--input-format`` with
+a ``.txt``/``.csv``/``.parquet`` list of paths, as S3 Inventory writes them).
+
+The driver never holds the listing: a local directory is walked one directory at a time
+(sorted names: the order is the same on every run), and each path is appended to an Arrow IPC
+file in the output directory as it is found, with its size where the listing knows it (an S3
+object can then be read without a HEAD request). Decode tasks read their own slice of that
+file by row number; the run's manifest keeps its row count and sha256, so ``--resume`` can
+tell whether the input changed. (An object-store listing comes back whole from pyarrow, so it
+is held while it is sorted; list tens of millions of objects with a listing file instead.)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import itertools
+import logging
+import os
+import urllib.parse
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline.read import filesystem, is_image_name, is_uri
+from pipeline.write import LISTING, TEMPORARY
+
+log = logging.getLogger(__name__)
+
+_GLOB_CHARS = "*?["
+
+# Rows per record batch of the listing file: a decode task reads the batches its slice
+# spans, so a small batch wastes little; a big one writes fewer, larger pieces.
+LISTING_CHUNK = 1024
+SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64())])
+Entry = tuple[str, "int | None"]  # (path, size in bytes where the listing knows it)
+
+
+class InputError(ValueError):
+    """The input cannot be listed or holds nothing to read; the message names it."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Paths found (in listing order) and what was left out: the in-memory form, for tests and
+    small tools; runs use :class:`ListingFile`."""
+
+    paths: list[str]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+def list_images(src: str) -> Listing:
+    """The image files under ``src`` (other extensions are skipped and counted)."""
+    return list_files(src, is_image_name, "an image", "images")
+
+
+def list_files(src: str, accept: Callable[[str], bool], a_kind: str, kinds: str) -> Listing:
+    found = Walk(src, accept, a_kind, kinds)
+    paths = [p for p, _ in found]
+    return Listing(paths, found.skipped_or_fail())
+
+
+class Walk:
+    """Iterate the files under ``src`` that ``accept`` takes, as (path, size), in a stable
+    order; the others are counted in :attr:`skipped` (``a_kind``/``kinds``: "an image" /
+    "images", for messages). A file named explicitly is taken whatever its extension."""
+
+    def __init__(self, src: str, accept: Callable[[str], bool], a_kind: str, kinds: str):
+        self.src, self.accept, self.a_kind, self.kinds = src, accept, a_kind, kinds
+        self.skipped: Counter[str] = Counter()
+        self.found = 0
+        self.taken = 0
+
+    def __iter__(self) -> Iterator[Entry]:
+        if is_uri(self.src):
+            entries, single = _list_uri(self.src)
+        else:
+            entries, single = _walk_local(self.src.removeprefix("file://"), self.skipped)
+        for path, size in entries:
+            self.found += 1
+            if single or self.accept(path):
+                self.taken += 1
+                yield path, size
+
+    def skipped_or_fail(self) -> dict[str, int]:
+        """What was skipped, once the walk is done; InputError when nothing was taken."""
+        if self.found > self.taken:
+            self.skipped[f"not {self.a_kind} extension"] += self.found - self.taken
+        if not self.taken:
+            what = (f"{self.found} files, none with {self.a_kind} extension" if self.found
+                    else "no files")
+            raise InputError(f"Input '{self.src}' holds no {self.kinds} ({what}).")
+        return dict(self.skipped)
+
+
+def listed_paths(src: str) -> Iterator[Entry]:
+    """The paths in a listing file (``.parquet``: a ``path`` column, or the first string
+    column; ``.csv``: a ``path`` column, or the first column; anything else: one per line),
+    streamed in the file's order."""
+    fs, inner = filesystem(src)
+    lower = src.lower()
+    try:
+        if lower.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with fs.open_input_file(inner) as f:
+                pf = pq.ParquetFile(f)
+                column = _path_column(pf.schema_arrow)
+                for batch in pf.iter_batches(columns=[column], batch_size=65536):
+                    yield from ((p, None) for p in batch.column(0).to_pylist() if p)
+        elif lower.endswith(".csv"):
+            import pyarrow.csv as pcsv
+
+            with fs.open_input_stream(inner) as f:
+                reader = pcsv.open_csv(f)
+                column = _path_column(reader.schema)
+                for batch in reader:
+                    yield from ((p, None) for p in batch.column(column).to_pylist() if p)
+        else:
+            with fs.open_input_stream(inner) as f:
+                rest = b""
+                while chunk := f.read(1 << 20):
+                    lines = (rest + chunk).split(b"\n")
+                    rest = lines.pop()
+                    yield from _lines(lines)
+                yield from _lines([rest])
+    except (OSError, pa.ArrowInvalid) as e:
+        raise InputError(f"Cannot read listing file '{src}': {e}") from e
+
+
+def _path_column(schema: pa.Schema) -> str:
+    if "path" in schema.names:
+        return "path"
+    for f in schema:
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            return f.name
+    raise InputError(f"Listing file has no string column of paths (columns: {schema.names}).")
+
+
+def _lines(lines: list[bytes]) -> Iterator[Entry]:
+    for line in lines:
+        text = line.decode("utf-8").strip()
+        if text and not text.startswith("#"):
+            yield text, None
+
+
+@dataclass(frozen=True)
+class ListingFile:
+    """A run's inputs on disk (see the module docstring): ``count`` rows of (path, size)."""
+
+    uri: str  # the Arrow IPC file
+    count: int
+    sha256: str  # of the paths, in order
+    largest: int | None  # the largest size listed (shards: what a task must hold)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def write(cls, directory: str, entries: Iterable[Entry]) -> ListingFile:
+        """Stream ``entries`` into a new temporary listing file in ``directory``. Nothing is
+        created when there are none (``count`` 0, no file): a failed listing leaves no
+        output directory behind."""
+        entries = iter(entries)
+        first = next(entries, None)
+        if first is None:
+            return cls("", 0, hashlib.sha256().hexdigest(), None)
+        fs, root = filesystem(directory)
+        fs.create_dir(root, recursive=True)
+        name = f"{TEMPORARY}listing-{uuid.uuid4().hex}.arrow"
+        digest, count, largest = hashlib.sha256(), 0, None
+        paths: list[str] = []
+        sizes: list[int | None] = []
+        with fs.open_output_stream(f"{root}/{name}") as sink, pa.ipc.new_file(sink, SCHEMA) as w:
+            for path, size in itertools.chain([first], entries):
+                digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+                paths.append(path)
+                sizes.append(size)
+                if size is not None and (largest is None or size > largest):
+                    largest = size
+                if len(paths) == LISTING_CHUNK:
+                    w.write_batch(pa.record_batch([paths, sizes], schema=SCHEMA))
+                    count += len(paths)
+                    paths, sizes = [], []
+            if paths:
+                w.write_batch(pa.record_batch([paths, sizes], schema=SCHEMA))
+                count += len(paths)
+        return cls(f"{directory.rstrip('/')}/{name}", count, digest.hexdigest(), largest)
+
+    def read(self, lo: int, hi: int) -> pa.Table:
+        """Rows [lo, hi) of the listing: columns path, size."""
+        fs, inner = filesystem(self.uri)
+        with fs.open_input_file(inner) as f:
+            reader = pa.ipc.open_file(f)
+            first, last = lo // LISTING_CHUNK, (hi - 1) // LISTING_CHUNK
+            batches = [reader.get_batch(i) for i in range(first, last + 1)]
+        table = pa.Table.from_batches(batches, schema=SCHEMA)
+        return table.slice(lo - first * LISTING_CHUNK, hi - lo)
+
+    def moved(self, directory: str) -> ListingFile:
+        """This listing renamed to ``directory/_listing.arrow`` (replacing any there)."""
+        fs, root = filesystem(directory)
+        _, inner = filesystem(self.uri)
+        fs.move(inner, f"{root}/{LISTING}")
+        return ListingFile(f"{directory.rstrip('/')}/{LISTING}", self.count, self.sha256,
+                           self.largest, self.skipped)
+
+    def discard(self) -> None:
+        if not self.uri:
+            return
+        fs, inner = filesystem(self.uri)
+        try:
+            fs.delete_file(inner)
+        except FileNotFoundError:
+            pass
+
+    def with_skipped(self, skipped: dict[str, int]) -> ListingFile:
+        return ListingFile(self.uri, self.count, self.sha256, self.largest, skipped)
+
+
+# --- walking ---------------------------------------------------------------------------------
+
+
+def _has_glob(src: str) -> bool:
+    return any(c in src for c in _GLOB_CHARS)
+
+
+def _walk_local(src: str, skipped: Counter) -> tuple[Iterator[Entry], bool]:
+    if _has_glob(src) and not os.path.lexists(src):  # 'photos[2019]' may be a real name
+        found = sorted(p for p in glob.glob(src, recursive=True) if not os.path.isdir(p))
+        return ((_storable(p), None) for p in found), False
+    if os.path.isdir(src):
+        return _walk_dir(src, skipped), False
+    if os.path.lexists(src):
+        return iter([(_storable(src), None)]), True
+    raise InputError(f"Input '{src}' does not exist.")
+
+
+def _walk_dir(src: str, skipped: Counter) -> Iterator[Entry]:
+    """Files under ``src``, one directory at a time: its files (sorted), then its
+    subdirectories (sorted). Memory: the largest directory, not the tree."""
+    seen: set[tuple[int, int]] = set()
+
+    def unlistable(err: OSError) -> None:
+        log.warning("Cannot list directory '%s': %s", err.filename, err.strerror)
+        skipped["directory not readable"] += 1
+
+    for root, dirs, files in os.walk(src, onerror=unlistable, followlinks=True):
+        # Symlinks are followed, so a link to an ancestor would list the same files again
+        # under ever longer paths; each real directory is listed once.
+        try:
+            st = os.stat(root)
+        except OSError as e:
+            unlistable(e)
+            dirs.clear()
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("Not listing '%s' again: a symbolic link leads back to it", root)
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        for name in sorted(files):
+            yield _storable(os.path.join(root, name)), None
+
+
+def _storable(path: str) -> str:
+    """``path`` as valid UTF-8 for the ``path`` column. A POSIX file name is bytes; one that is
+    not UTF-8 (an old Latin-1 archive) cannot be stored as a string, so it becomes the file's
+    percent-encoded ``file://`` URI (RFC 8089), which :func:`pipeline.read.load_bytes` reads."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:  # os.listdir hands such bytes over as lone surrogates
+        return "file://" + urllib.parse.quote(os.fsencode(os.path.abspath(path)))
+
+
+def _list_uri(src: str) -> tuple[list[Entry], bool]:
+    scheme = src.split("://", 1)[0]
+    pattern = src if _has_glob(src) else None
+    base = src
+    if pattern:
+        cut = min(i for i, c in enumerate(src) if c in _GLOB_CHARS)
+        base = src[: src.rfind("/", 0, cut)]
+    fs, root = filesystem(base)
+    try:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"Input '{src}' does not exist.")
+        if info.type == pafs.FileType.File:
+            return [(base, info.size)], True
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as e:
+        raise InputError(f"Cannot list input '{src}': {e}") from e
+    entries = sorted(
+        (f"{scheme}://{i.path}", i.size) for i in infos if i.type == pafs.FileType.File
+    )
+    if pattern:
+        entries = [e for e in entries if fnmatch.fnmatchcase(e[0], pattern)]
+    return entries, False
