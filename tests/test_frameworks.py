@@ -200,14 +200,16 @@ def test_weights_of_another_model_are_refused_with_every_mismatch(tmp_path):
 @ids
 def test_runs_through_the_pipeline(recipe, ray_local, images_dir, batch, tmp_path):
     mod = recipe.load()
+    weights = mod.save(mod.new(seed=1), tmp_path / recipe.weights_file)  # as --model would
     out = tmp_path / "out"
-    summary = pipeline.run(str(images_dir), str(out), model_fn=recipe.factory, batch_size=4)
+    summary = pipeline.run(str(images_dir), str(out), model_fn=recipe.factory,
+                           model=str(weights), batch_size=4)
     assert summary.rows_ok == IMAGES and summary.rows_error == 0
     rows = sorted(pq.read_table(out).to_pylist(), key=lambda r: r["path"])
     assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in images_dir.iterdir())
     assert all(r["status"] == "ok" and r["label_name"] in mod.CLASS_NAMES for r in rows)
     # Run two ways: the rows Ray's actors wrote equal the model applied here.
-    direct = load_model(None, recipe.factory).predict(batch)  # (6, 5)
+    direct = load_model(weights, recipe.factory).predict(batch)  # (6, 5)
     np.testing.assert_array_equal([r["label"] for r in rows], direct.argmax(axis=1))
     np.testing.assert_allclose([r["score"] for r in rows], direct.max(axis=1), atol=1e-5)
 
@@ -236,7 +238,8 @@ def row_zero_change(apply: Callable[[Any, Any], Any], params: Any, x: np.ndarray
     0 for a model whose rows are independent."""
     padded = np.zeros_like(x)
     padded[0] = x[0]
-    return float(np.abs(np.asarray(apply(params, x))[0] - np.asarray(apply(params, padded))[0]).max())
+    alone, together = np.asarray(apply(params, padded))[0], np.asarray(apply(params, x))[0]
+    return float(np.abs(together - alone).max())
 
 
 def test_batchnorm_in_training_mode_lets_rows_influence_each_other(batch):
