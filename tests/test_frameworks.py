@@ -7,6 +7,7 @@ A framework's tests are skipped only when its package cannot be imported."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -233,25 +234,22 @@ def linen_in_training_mode(path: str | None) -> pipeline.Model:
                           name="linen_in_training_mode")
 
 
-def row_zero_change(apply: Callable[[Any, Any], Any], params: Any, x: np.ndarray) -> float:
-    """How much row 0's output moves when the other rows of its batch become padding (zeros):
-    0 for a model whose rows are independent."""
-    padded = np.zeros_like(x)
-    padded[0] = x[0]
-    alone, together = np.asarray(apply(params, padded))[0], np.asarray(apply(params, x))[0]
+def row_zero_change(apply: Callable[[Any, Any], Any], params: Any, spec: pipeline.ModelSpec,
+                    images: np.ndarray) -> float:
+    """How much row 0's output moves when the other rows of its batch are the pipeline's padding
+    (zero images) instead of other images: 0 for a model whose rows are independent."""
+    import jax
+
+    run = jax.jit(lambda params, images: apply(params, spec.normalise(images)))
+    padded = np.zeros_like(images)  # (B, H, W, C) uint8
+    padded[0] = images[0]
+    alone, together = np.asarray(run(params, padded))[0], np.asarray(run(params, images))[0]
     return float(np.abs(together - alone).max())
 
 
 def test_batchnorm_in_training_mode_lets_rows_influence_each_other(batch):
-    import jax
-
     flax_linen = RECIPES[1].load()
-
-    x = np.asarray(jax.jit(flax_linen.SPEC.normalise)(batch))  # (6, 64, 64, 3) float32
     training = linen_in_training_mode(None)
-    assert row_zero_change(jax.jit(training.apply), training.params, x) > 0.1
-
-    def eval_apply(variables, x):
-        return flax_linen.NET.apply(variables, x, train=False)
-
-    assert row_zero_change(jax.jit(eval_apply), training.params, x) < 1e-6
+    assert row_zero_change(training.apply, training.params, training.spec, batch) > 0.1
+    inference = functools.partial(flax_linen.NET.apply, train=False)  # the recipe's apply
+    assert row_zero_change(inference, training.params, training.spec, batch) < 1e-6
