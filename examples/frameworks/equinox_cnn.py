@@ -7,7 +7,7 @@
 What differs from the pipeline's contract, and how :func:`build` bridges it:
 
 - Equinox layers take **one image, channels-first** ``(C, H, W)``; the pipeline hands a batch,
-  channels-last ``(B, H, W, C)``. ``apply`` transposes to ``(B, C, H, W)`` and ``jax.vmap``\\ s
+  channels-last ``(B, H, W, C)``. ``apply`` transposes to ``(B, C, H, W)`` and vmaps
   the model over the batch.
 - **BatchNorm keeps its statistics in an** ``eqx.nn.State``, beside the module
   (``eqx.nn.make_with_state``). ``eqx.nn.inference_mode(model)`` makes it read them instead
@@ -47,11 +47,14 @@ class Net(eqx.Module):
         f1, f2 = FEATURES
         k1, k2, k3 = jax.random.split(key, 3)
         self.conv1 = eqx.nn.Conv2d(3, f1, 3, padding=1, key=k1)
-        # mode="ema" keeps plain running averages (Equinox's default, "legacy", warns).
-        self.bn1 = eqx.nn.BatchNorm(f1, axis_name="batch", mode="ema")
+        # mode="batch", as Equinox advises for new code: its statistics start at mean 0 and
+        # variance 1. "ema" (what an unspecified mode means, with a warning) leaves them empty
+        # until the first training step, so an untrained model would read garbage. A checkpoint
+        # keeps its mode: the two keep different state.
+        self.bn1 = eqx.nn.BatchNorm(f1, axis_name="batch", mode="batch")
         self.pool = eqx.nn.AvgPool2d(2, stride=2)
         self.conv2 = eqx.nn.Conv2d(f1, f2, 3, stride=2, padding=1, key=k2)
-        self.bn2 = eqx.nn.BatchNorm(f2, axis_name="batch", mode="ema")
+        self.bn2 = eqx.nn.BatchNorm(f2, axis_name="batch", mode="batch")
         self.head = eqx.nn.Linear(f2, num_classes, key=k3)
 
     def __call__(self, x: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
@@ -64,12 +67,6 @@ class Net(eqx.Module):
 def new(seed: int = SEED) -> tuple[Net, eqx.nn.State]:
     """Seeded, untrained ``(model, state)``, the model in inference mode."""
     model, state = eqx.nn.make_with_state(Net)(jax.random.key(seed))
-    # Equinox starts the "ema" running variance at 0 (the first training step overwrites it),
-    # so an untrained model in inference mode would divide by sqrt(eps) and saturate. Start
-    # from mean 0, variance 1 instead, as Flax and Keras do.
-    for bn in (model.bn1, model.bn2):
-        n = bn.input_size
-        state = state.set(bn.ema_state_index, (jnp.zeros(n), jnp.ones(n)))
     return eqx.nn.inference_mode(model), state
 
 
