@@ -77,14 +77,14 @@ def resume_refusal(before: dict[str, Any] | None, now: ModelIdentity) -> str | N
     """Why rows of ``now`` may not join rows made by ``before`` (a manifest's identity), or
     None when they may (the caller then keeps ``before["fingerprint"]`` for its rows)."""
     if before is None:
-        return "its manifest does not describe the model in enough detail to compare"
+        return "the output's manifest does not describe its model in enough detail to compare"
     if before.get("fingerprint") == now.fingerprint:
         return None
     changed = [k for k in ("weights", "spec") if before.get(k) != getattr(now, k)]
     if changed:
-        return f"its {' and '.join(changed)} differ"
+        return f"the {' and '.join(changed)} differ"
     if before.get("jax") == now.jax:
-        return "its computation differs (apply, or a function it calls, changed)"
+        return "the computation differs: apply, or a function it calls, changed"
     if now.source is None or before.get("source") != now.source:
         return (f"JAX changed ({before.get('jax')} -> {now.jax}) and the model's source "
                 "files differ or cannot be read, so the computation cannot be shown to be "

@@ -1,7 +1,9 @@
 """Read stage: load the bytes of listed inputs (local paths or URIs), in the decode tasks.
 
 Listing is :mod:`pipeline.listing`'s; loading happens in the decode tasks, so an unreadable or
-vanished file is one error row there, never the run's failure.
+vanished file is one error row there, never the run's failure. A decode task reads its files
+with :func:`fetch_all`: several at once, so that an object store's latency per request
+overlaps the decoding instead of adding to it.
 """
 
 from __future__ import annotations
@@ -121,14 +123,15 @@ def _load_local(path: str) -> bytes:
 # --- concurrent reads ------------------------------------------------------------------------
 
 # Reads in flight per decode task, from an object store. pyarrow's S3 client keeps at most 25
-# connections (the AWS SDK's default pool; through the proxy of pipeline/testing/s3_proxy.py,
-# 32 and 64 threads both peaked at 25 requests in flight), so more threads only queue for a
-# connection while holding a slot in the read-ahead window. 24 reads in flight hide ~60 ms per
-# object (pyarrow 26 sends a HEAD, then the GET: two ~30 ms round trips, see _open_object) up
-# to 24 / 0.06 = 400 images/s, half a core's worth of photo-like decodes (~0.8 ms each,
-# RESEARCH.md); at most 48 objects (2 x threads) wait in memory. Measured at 30 ms per request
-# with `python -m pipeline.bench_fetch`: 1 thread 11.5 images/s, 8 threads 80, 16 and 32
-# threads ~100 (there moto, a Python server on the same two shared cores, was the limit).
+# connections (the AWS SDK's default pool: 48 threads peaked at 25 requests in flight through
+# the proxy of pipeline/testing/s3_proxy.py), so more threads would only queue for one while
+# holding a slot of the read-ahead window. 24 in flight at ~60 ms per object (pyarrow 26 sends
+# a HEAD, then the GET: two ~30 ms round trips, see _open_object) read up to 400 objects/s:
+# most of what the half core a decode task is granted decodes (~600 photo-like JPEGs/s at
+# 0.81 ms, RESEARCH.md). At most 48 objects (2 x threads) wait in memory. Measured at 30 ms
+# per request (`python -m pipeline.bench_fetch --threads 1 4 8 16 24 48`, one task, shared
+# 2-core machine): 12.6 images/s with 1 thread, 50 with 4, 87-91 with 8 to 48, where moto
+# itself was the limit (~120-135 images/s at 0 ms added).
 DEFAULT_FETCH_THREADS = 24
 # Local files: from the page cache a read takes ~16 us of CPU, and a thread pool adds ~10 us
 # per file (~1% of a decode); from the disk (pages dropped with POSIX_FADV_DONTNEED) 1,000
@@ -200,7 +203,9 @@ def _open_object(fs: pafs.FileSystem, inner: str, size: int | None) -> pa.Native
 @lru_cache(maxsize=1)
 def _opens_by_file_info() -> bool:
     try:
-        pafs.LocalFileSystem().open_input_file(pafs.FileInfo(__file__)).close()
-        return True
+        pafs.LocalFileSystem().open_input_file(pafs.FileInfo("/nonexistent/probe")).close()
     except TypeError:  # "Path must be a string" (pyarrow 26)
         return False
+    except OSError:  # took the FileInfo, then found no file
+        return True
+    return True

@@ -24,12 +24,12 @@ import pytest
 from driver import Driver
 
 import pipeline
+from pipeline import runner
 from pipeline.config import RunConfig
 from pipeline.digits import write_samples
 from pipeline.model import load_model
-from pipeline.listing import list_images
-from pipeline.runner import prepare_output
-from pipeline.write import OutputDir, OutputError, ResultWriter
+from pipeline.shards import Source
+from pipeline.write import OutputDir, OutputError
 
 IMAGES = 200
 BATCH = 8
@@ -123,7 +123,8 @@ def test_killed_driver_resumes_exactly_once_and_writes_only_its_output(tmp_path)
     # Nothing outside the output changed; inside it, only our own files.
     assert snapshot(sandbox, skip=out) == before
     names = sorted(p.name for p in out.iterdir())
-    assert [n for n in names if not n.startswith("part-")] == ["_manifest.json", "_summary.json"]
+    assert [n for n in names if not n.startswith("part-")] == [
+        "_listing.arrow", "_manifest.json", "_report.html", "_summary.json"]
     assert all(n.endswith(".parquet") for n in names if n.startswith("part-"))
 
 
@@ -136,7 +137,7 @@ def test_resume_refuses_another_model_listing_or_options(ray_local, tmp_path):
     with pytest.raises(OutputError, match=r"top_k=5, this run asks for top_k=3"):
         pipeline.run(str(src), str(out), resume=True, top_k=3)
     shutil.copy(next(src.rglob("*.png")), src / "new.png")
-    with pytest.raises(OutputError, match=r"input listing changed .*6 images then, 7 now"):
+    with pytest.raises(OutputError, match=r"input listing changed .*6 inputs then, 7 now"):
         pipeline.run(str(src), str(out), resume=True)
     assert pq.read_table(out).num_rows == 6  # refused before touching anything
 
@@ -147,7 +148,9 @@ def test_resume_refusal_through_the_cli(tmp_path):
     write_samples(src, 3, seed=2)
     cfg = RunConfig(input=str(src), output=str(out))
     bundled = load_model()
-    prepare_output(OutputDir(str(out)), cfg, list_images(str(src)), bundled)  # as a run begins
+    source = Source.of(cfg)
+    listing = source.list(cfg.input, cfg.output)
+    runner._prepare(OutputDir(str(out)), cfg, listing, bundled, source)  # as a run begins
     options = poison_model.write_options(tmp_path / "model.json")
     result = Driver(["run", "--input", src, "--output", out, "--resume",
                      "--model-fn", "poison_model:build", "--model", options], tmp_path).wait(120)
@@ -155,7 +158,8 @@ def test_resume_refusal_through_the_cli(tmp_path):
     other = pipeline.load_model(options, "poison_model:build").fingerprint
     assert result.stderr.strip().splitlines()[-1] == (
         f"batch-infer: error: Cannot resume into '{out}': its rows were made by model "
-        f"{bundled.fingerprint}, this run uses {other}. Use --overwrite to start again.")
+        f"{bundled.fingerprint}, this run uses {other} (the computation differs: apply, or a "
+        "function it calls, changed). Use --overwrite to start again.")
 
 
 def test_half_written_part_is_never_read_and_is_cleaned_up(tmp_path):
@@ -174,5 +178,5 @@ def test_half_written_part_is_never_read_and_is_cleaned_up(tmp_path):
     (leftover,) = out_dir.glob("_tmp-*")
     assert not leftover.name.endswith(".parquet")
     assert committed_rows(out_dir) == ["a.png", "b.png"]
-    ResultWriter(out, table.schema, rows_per_file=10, done=set())
+    out.remove_temporaries()  # what a run does once its writers are done
     assert not leftover.exists()
