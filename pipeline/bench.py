@@ -190,7 +190,7 @@ def _loop(images: str, output: str) -> dict:
 
     from pipeline.decode import decode_image
     from pipeline.model import load_model
-    from pipeline.read import list_images
+    from pipeline.listing import list_images
 
     start = time.perf_counter()
     model = load_model()

@@ -184,7 +184,7 @@ class Executor:
 
     def describe(self) -> str:
         kinds = sorted({getattr(d, "device_kind", d.platform) for d in self.devices})
-        return f"{len(self.devices)} x {', '.join(kinds)} ({self.platform})"
+        return f"{self.platform} ({len(self.devices)} x {', '.join(kinds)})"
 
     # -- running ------------------------------------------------------------------------
 

@@ -134,7 +134,8 @@ def test_submit_job_writes_parquet(ray_head, sample_dir, tmp_path):
     shipped = next(line for line in logs.splitlines() if "pipeline package at" in line)
     assert "working_dir_files" in shipped and str(REPO) not in shipped
     table = pq.read_table(out)
-    assert table.num_rows == 40 and len(list(out.glob("part-*.parquet"))) == 2
+    parts = list(out.glob("part-*.parquet"))
+    assert table.num_rows == 40 and all(pq.read_metadata(p).num_rows <= 25 for p in parts)
     rows = table.to_pylist()
     assert {r["status"] for r in rows} == {"ok"}
     assert sum(r["label_name"] == label_of(r["path"]) for r in rows) >= 38
