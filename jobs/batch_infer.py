@@ -16,7 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pipeline  # noqa: E402
-from pipeline.cli import USER_ERRORS, add_run_arguments, config_from_args, print_summary  # noqa: E402
+from pipeline.cli import (  # noqa: E402
+    RUN_ERRORS, USER_ERRORS, add_run_arguments, config_from_args, print_summary,
+)
 from pipeline.runner import run_config  # noqa: E402
 
 
@@ -30,6 +32,9 @@ def main() -> int:
     except USER_ERRORS as e:
         print(f"batch_infer job: error: {e}", file=sys.stderr)
         return 2
+    except RUN_ERRORS as e:
+        print(f"batch_infer job: run failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

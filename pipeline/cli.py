@@ -16,12 +16,13 @@ from pathlib import Path
 from pipeline.config import INPUT_FORMATS, PLATFORMS, ConfigError, RunConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.model import ModelError
-from pipeline.device import DeviceError
+from pipeline.device import DeviceError, DeviceFailure
 from pipeline.listing import InputError
 from pipeline.plan import PlanError
 from pipeline.write import OutputError
 
 USER_ERRORS = (ConfigError, InputError, OutputError, ModelError, PlanError, DeviceError)
+RUN_ERRORS = (DeviceFailure,)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"batch-infer: error: {e}", file=sys.stderr)
         return 2
+    except RUN_ERRORS as e:  # the run started and could not finish
+        print(f"batch-infer: run failed: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ part records the actors send back, so its memory does not grow with the input.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.device import pin_to_cpu
+from pipeline.device import DeviceError, DeviceFailure, pin_to_cpu
 from pipeline.fingerprint import resume_refusal
 from pipeline.infer import STAGES, empty_outputs, result_columns
 from pipeline.listing import ListingFile
@@ -149,6 +150,15 @@ def run_config(
                     summary.first_result_seconds = time.perf_counter() - start
                 if on_progress is not None:
                     on_progress(Progress(stats.rows, expected, tally.error, stats.elapsed()))
+    except Exception as e:
+        if not committed and not out.parts():  # nothing to resume: leave no trace
+            out.clear()
+            if not existed:
+                _remove_if_empty(out)
+        ours = our_error(e)
+        if ours is not None:  # one line, not Ray's wrapping of a worker's traceback
+            raise ours from None
+        raise
     finally:
         from pipeline.crash_guard import forget_run
 
@@ -321,6 +331,24 @@ def _write_missing(out: OutputDir, cfg: RunConfig, model: Model, fingerprint: st
         stats.parts += 1
     tally.error += len(names)
     tally.add_errors(["no_result"] * len(names), names)
+
+
+# Errors an actor raises that say what is wrong in one line; Ray hands them to the driver as
+# the text of a worker's traceback (an actor's failed __init__ keeps no exception object).
+_OURS = {
+    "pipeline.device.DeviceError": DeviceError,
+    "pipeline.device.DeviceFailure": DeviceFailure,
+    "pipeline.model.ModelError": ModelError,
+}
+
+
+def our_error(e: BaseException) -> Exception | None:
+    """The pipeline's own error behind a Ray error, rebuilt with its one-line message."""
+    found = re.findall(r"^\s*(pipeline\.\w+\.\w+): (.+)$", str(e), re.M)
+    for name, message in reversed(found):
+        if name in _OURS:
+            return _OURS[name](message.strip())
+    return None
 
 
 def _write_report(output: str, summary: Summary) -> None:

@@ -14,6 +14,11 @@ be on ``PYTHONPATH`` for Ray's workers, see :func:`worker_env`). OPTIONS.json ho
   start-up checks (the canary batch, the row-independence check: see pipeline/device.py) use
   all-black and all-white images; no digit image is either, so neither counts as real.
 - ``delay``: seconds each model call sleeps, so a run lasts long enough to be interrupted.
+- ``break_after``: with mode ``"break"``, every call of a process after its first
+  ``break_after`` calls raises, as a GPU does once its context is lost (an illegal address,
+  ECC errors): nothing is wrong with the images, and the canary batch fails too. Only the
+  first ``breaking_processes`` processes break (``breaks``: a directory where each leaves a
+  file), so a replacement can finish the work; -1: every process breaks.
 
 Faults live inside the jitted function, as they would in a user's model: the pipeline cannot
 tell them from a real failure.
@@ -33,7 +38,8 @@ from pipeline.model import Model
 from pipeline.models import digits_cnn
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
-DEFAULTS = {"mode": "none", "marker": 77, "calls": None, "delay": 0.0}
+DEFAULTS = {"mode": "none", "marker": 77, "calls": None, "delay": 0.0, "break_after": 0,
+            "breaking_processes": -1, "breaks": None}
 
 
 def write_options(path: str | Path, **options) -> str:
@@ -67,9 +73,9 @@ def read_calls(path: str | Path) -> list[Call]:
 def build(path: str | None = None) -> Model:
     """Model factory: the bundled CNN with the faults OPTIONS.json at ``path`` asks for."""
     options = {**DEFAULTS, **(json.loads(Path(path).read_text()) if path else {})}
-    if options["mode"] not in ("none", "nan", "raise", "exit"):
+    if options["mode"] not in ("none", "nan", "raise", "exit", "break"):
         raise ValueError(
-            f"poison_model mode must be none, nan, raise or exit, got {options['mode']!r}")
+            f"poison_model mode must be none, nan, raise, exit or break, got {options['mode']!r}")
     base = digits_cnn.build()
     return Model(
         apply=_make_apply(base.apply, options, base.spec.scale), params=base.params,
@@ -84,7 +90,25 @@ def _make_apply(inner, options: dict, scale: float):
     mode, calls, delay = options["mode"], options["calls"], float(options["delay"])
     marker = options["marker"] * scale  # the marker value as the model sees it, in float32
 
+    made = [0]  # calls made by this process
+    breaking = [None]  # does this process break (decided at its first call)
+
+    def broken() -> bool:
+        made[0] += 1
+        if mode != "break" or made[0] <= options["break_after"]:
+            return False
+        if breaking[0] is None:
+            broke = Path(options["breaks"])
+            broke.mkdir(exist_ok=True)
+            limit = options["breaking_processes"]
+            breaking[0] = limit < 0 or len(list(broke.iterdir())) < limit
+            if breaking[0]:
+                (broke / str(os.getpid())).touch()
+        return breaking[0]
+
     def host(poison: np.ndarray, real: np.ndarray) -> None:
+        if broken():
+            raise RuntimeError("simulated device failure: CUDA_ERROR_ILLEGAL_ADDRESS")
         if calls:
             line = f"{os.getpid()} {int(real.sum())} {_node_id()}\n"
             with open(calls, "a") as f:  # O_APPEND: one short write per call, safe across actors
