@@ -53,10 +53,11 @@ def make_inputs(directory: Path, count: int) -> Path:
     if marker.exists():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    source = directory / "source.png.orig"
-    Image.fromarray(np.arange(SIDE * SIDE, dtype=np.uint8).reshape(SIDE, SIDE)).save(
-        source, format="PNG")
+    pixels = Image.fromarray(np.arange(SIDE * SIDE, dtype=np.uint8).reshape(SIDE, SIDE))
     for i in range(count):
+        if i % 50_000 == 0:  # a file takes at most 65,000 links on ext4: a new one each 50,000
+            source = directory / f"source-{i // 50_000}.png.orig"
+            pixels.save(source, format="PNG")
         sub = directory / f"{i // 1000:05d}"
         if i % 1000 == 0:
             sub.mkdir(exist_ok=True)

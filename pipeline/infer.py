@@ -87,7 +87,7 @@ class Predictor:
         if output is not None:
             schema = output_schema(self.spec, self.logits)
             self.writer = PartWriter(output, schema, rows_per_file)
-        self.where = {"node": _where(), "pid": os.getpid(), "device": self.executor.describe()}
+        self.where = {**_node(), "pid": os.getpid(), "device": self.executor.describe()}
         self.device_lock = threading.Lock()  # two calls in flight share one device
         log.info(
             "Predictor pid %d: model %s on %s, compiled in %.2fs (ready in %.2fs)",
@@ -159,6 +159,21 @@ class Predictor:
             log.error("%s: %s; exiting so that Ray replaces this actor", _where(), e)
             logging.shutdown()
             os._exit(DEVICE_FAILURE_EXIT)  # Ray restarts the actor and retries its blocks
+
+
+def _node() -> dict[str, str]:
+    """This actor's node, for the run's records: Ray's node id and address."""
+    import socket
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    except ImportError:
+        pass
+    return {"node_id": socket.gethostname(), "node_ip": ""}
 
 
 def _where() -> str:

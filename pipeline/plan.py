@@ -275,8 +275,14 @@ def _floor_quarter(x: float) -> float:
 
 
 def _autoscaler_ceiling() -> tuple[float | None, float | None]:
-    """(CPUs, GPUs) the autoscaler may grow the cluster to (inf: unbounded), or (None, None)
-    when the cluster has no autoscaler (Ray publishes its node groups in the GCS)."""
+    """(CPUs, GPUs) the autoscaler may grow the cluster to (inf: unbounded or unknown), or
+    (None, None) when the cluster has no autoscaler.
+
+    Autoscaler v2 (KubeRay, ``ray up`` with ``RAY_UP_enable_autoscaler_v2=1``) publishes its
+    node groups in the GCS, with their maximum counts. The older one (v1) publishes only a
+    status, whose node types are the config's names where there is a config (a head started
+    without one names each node ``node_<id>``): an autoscaler, ceiling unknown.
+    """
     try:
         import ray._private.state
 
@@ -284,6 +290,8 @@ def _autoscaler_ceiling() -> tuple[float | None, float | None]:
     except Exception:  # an older Ray or a client connection: plan for the nodes seen
         return None, None
     groups = [g for g in (config.node_group_configs if config else []) if g.resources]
+    if not groups:
+        return (math.inf, math.inf) if _legacy_autoscaler() else (None, None)
     if not any(g.max_count == -1 or g.max_count > g.min_count for g in groups):
         return None, None
     totals = {"CPU": 0.0, "GPU": 0.0}
@@ -293,3 +301,16 @@ def _autoscaler_ceiling() -> tuple[float | None, float | None]:
             if amount:
                 totals[key] += math.inf if g.max_count == -1 else amount * g.max_count
     return totals["CPU"], totals["GPU"]
+
+
+def _legacy_autoscaler() -> bool:
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        status = json.loads(_internal_kv_get("__autoscaling_status") or "{}")
+    except Exception:  # no status, or not JSON: nothing to go on
+        return False
+    types = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(not name.startswith("node_") for name in types.values())

@@ -204,9 +204,10 @@ class _Stats:
             tally.merge(part)
             for stage in self.seconds:
                 self.seconds[stage] += float(batch[f"t_{stage}"][i])
-            key = (str(batch["node"][i]), int(batch["pid"][i]))
-            actor = self.actors.setdefault(key, {"node": key[0], "pid": key[1],
-                                                 "device": str(batch["device"][i]), "rows": 0})
+            key = (str(batch["node_id"][i]), int(batch["pid"][i]))
+            actor = self.actors.setdefault(key, {
+                "node_id": key[0], "node_ip": str(batch["node_ip"][i]), "pid": key[1],
+                "device": str(batch["device"][i]), "rows": 0})
             actor["rows"] += rows
         self.timeline.append([round(self.elapsed(), 3), self.rows])
 

@@ -61,11 +61,17 @@ class Driver:
         """Kill what is left of this driver's Ray. Its daemons and workers inherited the
         private RAY_TMPDIR (workers leave the process group and rename themselves, so neither
         the group nor the command line finds them all; the environment does)."""
-        mark = f"RAY_TMPDIR={self.ray_tmp}".encode()
-        for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                if mark in (proc / "environ").read_bytes().split(b"\0"):
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:  # gone already
-                pass
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        kill_ray_in(self.ray_tmp)
+
+
+def kill_ray_in(ray_tmp: str) -> None:
+    """SIGKILL every process started with ``RAY_TMPDIR=ray_tmp`` (a Ray of a test's own: its
+    daemons, workers and nodes inherit the variable), then remove the directory."""
+    mark = f"RAY_TMPDIR={ray_tmp}".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if mark in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:  # gone already
+            pass
+    shutil.rmtree(ray_tmp, ignore_errors=True)
