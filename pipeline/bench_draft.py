@@ -28,7 +28,7 @@ SOURCES = ((480, 360), (360, 480), (640, 480), (1024, 768), (1280, 720), (333, 2
            (2000, 1500), (1000, 1000), (1600, 400), (301, 1203), (719, 541))
 QUALITIES = (50, 75, 90, 95)
 TARGETS = ((224, 224), (160, 160), (32, 32), (96, 64), (384, 384))
-SPEED_CASES = (((480, 360), 160), ((1024, 768), 224))
+SPEED_CASES = (((480, 360), 160), ((1024, 768), 224), ((2000, 1500), 224))
 
 
 def spec_for(target: tuple[int, int], channels: int, mode: str, interpolation: str) -> ModelSpec:
@@ -63,13 +63,36 @@ def error_table(sources=SOURCES, qualities=QUALITIES, targets=TARGETS) -> dict:
                 for interpolation in INTERPOLATIONS:
                     for channels in (1, 3):
                         spec = spec_for(target, channels, mode, interpolation)
-                        fast = decode_image(data, spec).astype(np.int16)
-                        full = decode_image(data, spec, draft=False).astype(np.int16)
-                        kind = "shrunk" if drafted_scale(data, spec) > 1 else "luma_only"
-                        if kind == "shrunk" or channels == 1:
-                            diffs[interpolation][kind].append(np.abs(fast - full).ravel())
+                        _compare(data, spec, diffs[interpolation])
     return {name: {kind: stats(arrays) for kind, arrays in kinds.items()}
             for name, kinds in diffs.items()}
+
+
+def digits_table(count: int = 300, seed: int = 0) -> dict:
+    """The same for the bundled model's inputs: held-out digits rendered at 48..400 px (sharp
+    dark-on-light graphics, unlike photos), JPEG quality 40..95, to its 32x32 gray squash."""
+    from pipeline import digits
+
+    _, (x, _) = digits.load_split()
+    rng = np.random.default_rng(seed)
+    diffs: dict[str, dict[str, list[np.ndarray]]] = {
+        name: {"shrunk": [], "luma_only": []} for name in INTERPOLATIONS}
+    for i in range(count):
+        img = digits.render(x[i % len(x)], int(rng.integers(48, 401)),
+                            ("nearest", "bilinear")[i % 2], rgb=i % 3 == 0)
+        data = digits.encode(img, "JPEG", quality=int(rng.integers(40, 96)))
+        for interpolation in INTERPOLATIONS:
+            _compare(data, spec_for((32, 32), 1, "squash", interpolation), diffs[interpolation])
+    return {name: {kind: stats(arrays) for kind, arrays in kinds.items()}
+            for name, kinds in diffs.items()}
+
+
+def _compare(data: bytes, spec: ModelSpec, into: dict[str, list[np.ndarray]]) -> None:
+    fast = decode_image(data, spec).astype(np.int16)
+    full = decode_image(data, spec, draft=False).astype(np.int16)
+    kind = "shrunk" if drafted_scale(data, spec) > 1 else "luma_only"
+    if kind == "shrunk" or spec.channels == 1:
+        into[kind].append(np.abs(fast - full).ravel())
 
 
 def stats(arrays: list[np.ndarray]) -> dict:
@@ -111,13 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sources and targets")
     args = parser.parse_args(argv)
     kwargs = {"sources": SOURCES[:4], "qualities": (75, 95)} if args.quick else {}
-    print(f"draft margin {resize.DRAFT_MARGIN}x; |draft - full decode| in uint8 levels")
-    for name, kinds in error_table(**kwargs).items():
-        for kind, s in kinds.items():
-            if s["cases"]:
-                print(f"  {name:9s} {kind:9s} cases {s['cases']:4d}  mean {s['mean']:.3f}  "
-                      f"p99.9 {s['p99.9']:4.1f}  max {s['max']:3d}  worst case: mean "
-                      f"{s['worst_mean']:.3f}, p99.9 {s['worst_p99.9']:4.1f}")
+    print(f"draft margins {resize.DRAFT_MARGINS}; |draft - full decode| in uint8 levels")
+    for corpus, table in (("photos", error_table(**kwargs)),
+                          ("digits", digits_table(100 if args.quick else 300))):
+        for name, kinds in table.items():
+            for kind, s in kinds.items():
+                if s["cases"]:
+                    print(f"  {corpus} {name:9s} {kind:9s} cases {s['cases']:4d}  mean "
+                          f"{s['mean']:.3f}  p99.9 {s['p99.9']:4.1f}  max {s['max']:3d}  "
+                          f"worst image: mean {s['worst_mean']:.3f}, "
+                          f"p99.9 {s['worst_p99.9']:4.1f}")
     for row in speed_table(args.repeats):
         w, h = row["source"]
         print(f"  {w}x{h} -> {row['target']} {row['mode']:11s} bilinear: draft 1/{row['scale']} "

@@ -8,7 +8,7 @@ offsets), ``pad`` from Pillow's ``ImageOps.pad``.
 
 JPEG draft: libjpeg can decode at 1/2, 1/4 or 1/8 scale in the DCT domain, far cheaper than a
 full decode then a resize. It is a different low-pass filter from the model's, so it is used
-only while the final resize still shrinks the drafted image by at least :data:`DRAFT_MARGIN`
+only while the final resize still shrinks the drafted image by at least :data:`DRAFT_MARGINS`
 on each axis; then the model's filter dominates and the result stays within
 :data:`DRAFT_TOLERANCE` of a full decode (see there for the measurement).
 """
@@ -37,24 +37,24 @@ ORIENTATIONS = {
 _SWAPS_AXES = (5, 6, 7, 8)
 
 # Draft only while the final resize still shrinks the drafted image at least this much on each
-# axis (so it keeps >= 2.25x the pixels the resize samples; in center_crop, of the whole
-# resized image, crop included). Measured with `python -m pipeline.bench_draft` (below): 2.0
-# halves the error but drafts nothing at 1024x768 -> 224, where 1.5 decodes at 1/2 and saves
-# ~1.9x of the decode; 1.25 doubles the error. 480x360 -> 160 drafts only in pad mode (2.1x
-# faster); squash would need a 1.125x margin there (mean 0.6-0.9, 99.9th pct 8-14 levels).
-DRAFT_MARGIN = 1.5
+# axis (in center_crop, counting the whole resized image, crop included), per filter; never for
+# the others. Nearest picks single source pixels and box averages exactly the pixels under each
+# output pixel, so any averaging before them changes their result (box at 2x: mean 0.5, 99.9th
+# pct 10 levels on photos). Hamming's sharper response needs 3x to stay within tolerance on
+# digits. 1.5x would still draft 1024x768 -> 224 at 1/2 (1.9x faster decode) but doubles the
+# error (photos: worst image mean 1.2, 99.9th pct 10; digits: 2.2 and 17).
+DRAFT_MARGINS = {"bilinear": 2.0, "bicubic": 2.0, "lanczos": 2.0, "hamming": 3.0}
 # What draft may move one decoded image: |draft - full decode| in uint8 levels, mean over the
-# image and its 99.9th percentile. Measured (Pillow 13): photo-like JPEGs (pipeline.photos) of
-# 11 sizes from 333x222 to 2000x1500, aspect 4:1 to 1:4, quality 50-95, to 32x32 .. 384x384
-# and 96x64, every mode, L and RGB: 840 drafted decodes per filter. Worst image, bilinear /
-# bicubic / lanczos / hamming: mean 0.71 / 0.86 / 0.91 / 1.17, 99.9th pct 7 / 8 / 9 / 10;
-# all pixels pooled: mean 0.23-0.30, 99.9th pct 3-4, max 12-19. For an L target libjpeg also
-# hands over its luma plane instead of RGB -> L: 99.9% of pixels equal, the rest +-1 to 5.
-DRAFT_TOLERANCE = {"mean": 1.5, "p99.9": 12.0}
-# Filters with a hard footprint: nearest picks single source pixels, box averages exactly the
-# pixels under each output pixel, so any averaging before them changes their result (box at a
-# 2x margin: mean 0.5, 99.9th percentile 10 levels on photos). Never draft for them.
-NO_DRAFT = ("nearest", "box")
+# image and its 99.9th percentile. Measured with `python -m pipeline.bench_draft` (Pillow 13):
+# photo-like JPEGs (pipeline.photos) of 11 sizes from 333x222 to 2000x1500, aspect 4:1 to 1:4,
+# quality 50-95, to 32x32 .. 384x384 and 96x64, every mode, L and RGB (528-680 drafted decodes
+# per filter): worst image mean 0.50 / 0.57 / 0.64 / 0.31 (bilinear / bicubic / lanczos /
+# hamming), 99.9th pct 6 / 5 / 6 / 3; all pixels pooled: mean 0.12-0.18, 99.9th pct 1-2.
+# 300 held-out digits rendered at 48..400 px, quality 40-95, to the bundled 32x32 gray (sharp
+# edges: the hard case): worst mean 0.77 / 1.05 / 1.04 / 0.70, 99.9th pct 8 / 9 / 9 / 7.
+# For an L target libjpeg also hands over its luma plane instead of RGB -> L (even undrafted,
+# and for nearest and box): worst image mean 0.002, 99.9th pct 1, max 5.
+DRAFT_TOLERANCE = {"mean": 1.25, "p99.9": 12.0}
 # A center crop resizes the whole image, then crops (as torchvision does, to match it bit for
 # bit). For an image so elongated that this intermediate would exceed this many times the
 # output's pixels (a 3x500 strip, a 10:1 panorama), the crop is resampled straight from the
@@ -106,9 +106,10 @@ def _pad(source: tuple[int, int], target: tuple[int, int]) -> Layout:
 def draft_request(plan: Layout, spec: ModelSpec, orientation: int) -> tuple[int, int] | None:
     """The size to pass ``Image.draft`` in the stored (not yet oriented) frame, or None to
     decode at full size: libjpeg then keeps both sides at least this big."""
-    if spec.interpolation in NO_DRAFT:
+    margin = DRAFT_MARGINS.get(spec.interpolation)
+    if margin is None:
         return None
-    width, height = math.ceil(plan.size[0] * DRAFT_MARGIN), math.ceil(plan.size[1] * DRAFT_MARGIN)
+    width, height = math.ceil(plan.size[0] * margin), math.ceil(plan.size[1] * margin)
     return (height, width) if orientation in _SWAPS_AXES else (width, height)
 
 
@@ -164,9 +165,9 @@ def resize(
     (rw, rh), (x, y) = plan.size, plan.offset
     if rw * rh > MAX_INTERMEDIATE * target[0] * target[1]:
         # The crop's region of the resized image, in img's pixels.
-        sx, sy = (box[2] - box[0]) / rw, (box[3] - box[1]) / rh
-        crop = (box[0] - x * sx, box[1] - y * sy, box[0] + (target[0] - x) * sx,
-                box[1] + (target[1] - y) * sy)
+        (x0, y0, x1, y1), (w, h) = box, target
+        crop = (x0 + -x * (x1 - x0) / rw, y0 + -y * (y1 - y0) / rh,
+                x0 + (w - x) * (x1 - x0) / rw, y0 + (h - y) * (y1 - y0) / rh)
         return img.resize(target, resample, box=crop)
     img = img.resize(plan.size, resample, box=box)
     if img.size == target:
