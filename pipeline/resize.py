@@ -41,19 +41,23 @@ _SWAPS_AXES = (5, 6, 7, 8)
 # the others. Nearest picks single source pixels and box averages exactly the pixels under each
 # output pixel, so any averaging before them changes their result (box at 2x: mean 0.5, 99.9th
 # pct 10 levels on photos). Hamming's sharper response needs 3x to stay within tolerance on
-# digits. 1.5x would still draft 1024x768 -> 224 at 1/2 (1.9x faster decode) but doubles the
-# error (photos: worst image mean 1.2, 99.9th pct 10; digits: 2.2 and 17).
+# digits. Speed (median CPU ms per RGB decode, bilinear, draft vs full): 480x360 -> 160 is not
+# drafted in any mode; 1024x768 -> 224 only in pad (1/2: 3.2 vs 5.7 ms); 2000x1500 -> 224 at
+# 1/2 (squash 9.2 vs 19.2, center_crop 10.3 vs 21.2) and 1/4 in pad (6.1 vs 19.3). A 1.5x
+# margin would draft 1024x768 -> 224 at 1/2 in every mode (1.9x faster) but doubles the error
+# (worst image on photos: mean 1.2, 99.9th pct 10; on digits 2.2 and 17). The rule before
+# this one (down to 1x the target, squash only) moved digit pixels by up to 93 levels.
 DRAFT_MARGINS = {"bilinear": 2.0, "bicubic": 2.0, "lanczos": 2.0, "hamming": 3.0}
 # What draft may move one decoded image: |draft - full decode| in uint8 levels, mean over the
 # image and its 99.9th percentile. Measured with `python -m pipeline.bench_draft` (Pillow 13):
 # photo-like JPEGs (pipeline.photos) of 11 sizes from 333x222 to 2000x1500, aspect 4:1 to 1:4,
 # quality 50-95, to 32x32 .. 384x384 and 96x64, every mode, L and RGB (528-680 drafted decodes
-# per filter): worst image mean 0.50 / 0.57 / 0.64 / 0.31 (bilinear / bicubic / lanczos /
-# hamming), 99.9th pct 6 / 5 / 6 / 3; all pixels pooled: mean 0.12-0.18, 99.9th pct 1-2.
+# per filter): worst image mean 0.51 / 0.59 / 0.62 / 0.30 (bilinear / bicubic / lanczos /
+# hamming), 99.9th pct 5 / 5 / 5 / 4; all pixels pooled: mean 0.12-0.17, 99.9th pct 1-2.
 # 300 held-out digits rendered at 48..400 px, quality 40-95, to the bundled 32x32 gray (sharp
 # edges: the hard case): worst mean 0.77 / 1.05 / 1.04 / 0.70, 99.9th pct 8 / 9 / 9 / 7.
 # For an L target libjpeg also hands over its luma plane instead of RGB -> L (even undrafted,
-# and for nearest and box): worst image mean 0.002, 99.9th pct 1, max 5.
+# and for nearest and box): worst image mean 0.006, 99.9th pct 1, max 4.
 DRAFT_TOLERANCE = {"mean": 1.25, "p99.9": 12.0}
 # A center crop resizes the whole image, then crops (as torchvision does, to match it bit for
 # bit). For an image so elongated that this intermediate would exceed this many times the
