@@ -76,13 +76,15 @@ class ModelSpec:
     - ``resize="squash"`` (default): stretched to exactly ``height x width``;
     - ``resize="center_crop"``: scaled, keeping its aspect ratio, to just cover the box
       ``floor(width / crop_fraction) x floor(height / crop_fraction)`` (the side that needs
-      the larger scale gets exactly the box's side, the other ``int(box side * long / short)``),
-      then the center ``height x width`` is cropped at ``int(round((resized - target) / 2))``.
-      For a square target this is exactly torchvision's eval transform
-      ``Resize(floor(224 / 0.875) = 256)`` + ``CenterCrop(224)`` on a PIL image, as ResNet
-      and ViT evaluation do (CLIP: ``crop_fraction=1``). An image so elongated that the
-      resized whole would exceed 8x the output's pixels is cropped before resampling
-      instead: the same geometry, at most a level of rounding apart;
+      the larger scale gets exactly the box's side, the other ``int(box side * long /
+      short)``), then the center ``height x width`` is cropped at offsets
+      ``round((resized - target) / 2)`` (Python's round: halves to even). For a square
+      target this is exactly torchvision's eval transform ``Resize(floor(224 / 0.875) = 256)``
+      + ``CenterCrop(224)`` on a PIL image, as ResNet and ViT evaluation do (CLIP:
+      ``crop_fraction=1``). An image so elongated that the resized whole would exceed 8x the
+      output's pixels is cropped before resampling instead: the same geometry, but Pillow's
+      float32 box may round differently (a level with smooth filters; nearest may take the
+      neighbouring pixel where a sample falls exactly between two);
     - ``resize="pad"``: scaled, keeping its aspect ratio, to fit inside ``height x width``,
       and centered on a ``pad_value`` background (letterboxing): Pillow's
       ``ImageOps.pad(img, (width, height), filter, color=pad_value)``, except that the

@@ -3,8 +3,8 @@
 :class:`pipeline.model.ModelSpec` is the contract (``resize``, ``crop_fraction``,
 ``interpolation``, ``pad_value``); this module is its arithmetic, copied from the code it
 promises to match so that tests can compare pixel for pixel: ``center_crop`` from
-torchvision's ``Resize(int)`` + ``CenterCrop`` (``int(size * long / short)``, ``int(round(...))``
-offsets), ``pad`` from Pillow's ``ImageOps.pad``.
+torchvision's ``Resize(int)`` + ``CenterCrop`` (``int(size * long / short)``, offsets rounded
+half to even), ``pad`` from Pillow's ``ImageOps.pad``.
 
 JPEG draft: libjpeg can decode at 1/2, 1/4 or 1/8 scale in the DCT domain, far cheaper than a
 full decode then a resize. It is a different low-pass filter from the model's, so it is used
@@ -93,7 +93,7 @@ def _center_crop(source: tuple[int, int], target: tuple[int, int], fraction: flo
         size = (bw, bw * sh // sw)
     else:
         size = (bh * sw // sh, bh)
-    left, top = (int(round((size[0] - w) / 2.0)), int(round((size[1] - h) / 2.0)))
+    left, top = round((size[0] - w) / 2.0), round((size[1] - h) / 2.0)  # half to even
     return Layout(size, (-left, -top))
 
 

@@ -72,7 +72,7 @@ def torchvision_resize(img: Image.Image, size: int, f) -> Image.Image:
 def torchvision_center_crop(img: Image.Image, size: int) -> Image.Image:
     """torchvision.transforms.CenterCrop(size), for an image at least that big."""
     w, h = img.size
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # noqa: RUF046
     return img.crop((left, top, left + size, top + size))
 
 
@@ -82,7 +82,7 @@ def cover(img_size, size, fraction):
     (w, h), (sw, sh) = size, img_size
     bw, bh = math.floor(w / fraction), math.floor(h / fraction)
     new = (bw, int(bw * sh / sw)) if bw / sw >= bh / sh else (int(bh * sw / sh), bh)
-    return new, (int(round((new[0] - w) / 2.0)), int(round((new[1] - h) / 2.0)))
+    return new, (round((new[0] - w) / 2.0), round((new[1] - h) / 2.0))
 
 
 def elongated(img_size, size, fraction) -> bool:
@@ -124,7 +124,7 @@ def test_reference_center_crop_is_torchvision_geometry():
             resized = torchvision_resize(Image.new("L", img_size), math.floor(side / 0.875), 0)
             assert new == resized.size, img_size
             w, h = resized.size
-            assert corner == (int(round((w - side) / 2.0)), int(round((h - side) / 2.0)))
+            assert corner == (round((w - side) / 2.0), round((h - side) / 2.0))
 
 
 # ------------------------------------------------------------ exact equality
