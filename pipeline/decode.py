@@ -1,6 +1,6 @@
 """Decode stage: image bytes -> a fixed-size uint8 array, or a reason why not.
 
-A bad image is data, not a crash: :func:`decode_batch` turns every failure into an ``error``
+A bad image is data, not a crash: :func:`decode_rows` turns every failure into an ``error``
 string on that row and a zero image, so one corrupt file never aborts the run. Training
 (:mod:`pipeline.train`) goes through :func:`decode_image` too, so the model sees exactly the
 pixels the pipeline will feed it.
@@ -17,8 +17,9 @@ from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
+from pipeline import resize
 from pipeline.model import ModelSpec
 
 # Refuse images whose header claims more pixels than this before decoding them: a 100 MP
@@ -30,11 +31,19 @@ class DecodeError(ValueError):
     """The bytes are not a usable image; the message says why."""
 
 
-def decode_image(data: bytes, spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes of any Pillow-readable image -> (height, width, channels) uint8 for ``spec``."""
+def decode_image(
+    data: bytes, spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft: bool = True
+) -> np.ndarray:
+    """Bytes of any Pillow-readable image -> (height, width, channels) uint8 for ``spec``.
+
+    EXIF orientation is applied first, then the spec's ``resize`` (see :mod:`pipeline.resize`).
+    ``draft=False`` turns off JPEG draft decoding, which is otherwise used where it keeps the
+    result within :data:`pipeline.resize.DRAFT_TOLERANCE` of a full decode.
+    """
     if not data:
         raise DecodeError("empty file (0 bytes)")
     img = None
+    mode = "L" if spec.channels == 1 else "RGB"
     try:
         # Pillow checks sizes itself, in Image.open and wherever it decodes a nested image
         # (an ICO decodes its PNG inside Image.open): give that check our limit (Pillow
@@ -53,14 +62,18 @@ def decode_image(data: bytes, spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIX
                 raise DecodeError(f"image has no pixels ({width}x{height})")
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animated GIF/WebP/TIFF: the first frame
-            if img.format == "JPEG":
-                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is small: far
-                # cheaper than a full decode plus resize. Both sides >= the request.
-                side = max(spec.width, spec.height)
-                img.draft("L" if spec.channels == 1 else "RGB", (side, side))
-            img = ImageOps.exif_transpose(img)
-            img = _to_mode(img, "L" if spec.channels == 1 else "RGB")
-            img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+            plan = resize.layout(resize.upright_size(img.size, orientation), spec)
+            box = None
+            if draft and img.format == "JPEG":
+                # libjpeg decodes at 1/2, 1/4 or 1/8 scale, and straight to gray for an L
+                # target, where that cannot move the result beyond the tolerance.
+                drafted = img.draft(mode, resize.draft_request(plan, spec, orientation))
+                if drafted is not None:
+                    box = resize.oriented_box(drafted[1], img.size, orientation)
+            img = resize.orient(img, orientation)
+            img = _to_mode(img, mode)
+            img = resize.resize(img, spec, plan, box)
     except DecodeError:
         raise
     except Image.UnidentifiedImageError as e:

@@ -21,10 +21,11 @@ The factory runs in the driver, which checks the model before any image is read,
 each inference actor; ``path`` is ``--model`` (None when not given). ``params`` may be any
 pytree of arrays (a Flax ``variables`` dict works as is, with ``apply=module.apply``) and
 ``apply`` any jittable function of ``(params, x)``; each actor compiles it once for
-``(batch_size, H, W, C)``. Images are decoded and resized to the spec's size as uint8
-(grayscale or RGB); ``apply`` receives ``(uint8 * scale + offset - mean) / std`` in float32. A
-classification model returns logits (the pipeline applies softmax, and keeps the logits on
-request); an embedding model (``output="embedding"``, ``embedding_dim=D``) returns its vectors.
+``(batch_size, H, W, C)``. Images are decoded and brought to the spec's size as its
+``resize`` says (squash, center crop or pad), as uint8 (grayscale or RGB); ``apply``
+receives ``(uint8 * scale + offset - mean) / std`` in float32. A classification model
+returns logits (the pipeline applies softmax, and keeps the logits on request); an embedding
+model (``output="embedding"``, ``embedding_dim=D``) returns its vectors.
 
 The bundled digits CNN (:mod:`pipeline.models.digits_cnn`) is such a factory, and the default.
 """
@@ -73,18 +74,28 @@ class ModelSpec:
     ``std`` are one number or one per channel, in the units after ``scale``/``offset`` (so the
     usual ImageNet values work with the default ``scale=1/255``).
 
-    How a decoded photo (EXIF orientation applied) becomes ``height x width``:
+    How a decoded photo (EXIF orientation applied first) becomes ``height x width``:
 
     - ``resize="squash"`` (default): stretched to exactly ``height x width``;
-    - ``resize="center_crop"``: scaled, keeping its aspect ratio, to just cover
-      ``floor(height / crop_fraction) x floor(width / crop_fraction)``, then the center
-      ``height x width`` is taken. For a square input this is torchvision's
-      ``Resize(floor(224 / 0.875) = 256)`` + ``CenterCrop(224)``, as ResNet, ViT and CLIP
-      evaluation do;
+    - ``resize="center_crop"``: scaled, keeping its aspect ratio, to just cover the box
+      ``floor(width / crop_fraction) x floor(height / crop_fraction)`` (the side that needs
+      the larger scale gets exactly the box's side, the other ``int(box side * long /
+      short)``), then the center ``height x width`` is cropped at offsets
+      ``round((resized - target) / 2)`` (Python's round: halves to even). For a square
+      target this is exactly torchvision's eval transform ``Resize(floor(224 / 0.875) = 256)``
+      + ``CenterCrop(224)`` on a PIL image, as ResNet and ViT evaluation do (CLIP:
+      ``crop_fraction=1``). An image so elongated that the resized whole would exceed 8x the
+      output's pixels is cropped before resampling instead: the same geometry, but Pillow's
+      float32 box may round differently (a level with smooth filters; nearest may take the
+      neighbouring pixel where a sample falls exactly between two);
     - ``resize="pad"``: scaled, keeping its aspect ratio, to fit inside ``height x width``,
-      and centered on a ``pad_value`` background (letterboxing).
+      and centered on a ``pad_value`` background (letterboxing): Pillow's
+      ``ImageOps.pad(img, (width, height), filter, color=pad_value)``, except that the
+      scaled short side is at least 1 pixel.
 
     ``interpolation`` is Pillow's resampling filter (Pillow antialiases when it shrinks).
+    JPEGs may be decoded at 1/2, 1/4 or 1/8 scale first, only where that keeps the result
+    within ``pipeline.resize.DRAFT_TOLERANCE`` of a full decode (never for nearest or box).
     """
 
     height: int
