@@ -10,7 +10,9 @@ be on ``PYTHONPATH`` for Ray's workers, see :func:`worker_env`). OPTIONS.json ho
 - ``marker``: an image is poison when every one of its pixels has this uint8 value (a solid
   gray square; real digits never are).
 - ``calls``: a file; every model call appends one line: process id, real images in the batch
-  (padding rows are all zeros, which no digit image is) and the Ray node id (``-`` outside Ray).
+  (padding rows are all zeros, which no digit image is), the Ray node id (``-`` outside Ray)
+  and a short digest of each real image, in batch order (the same image always has the same
+  digest, so a test can see which images a call held and whether one was computed again).
 - ``delay``: seconds each model call sleeps, so a run lasts long enough to be interrupted.
 
 Faults live inside the jitted function, as they would in a user's model: the pipeline cannot
@@ -19,6 +21,7 @@ tell them from a real failure.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -53,13 +56,18 @@ class Call(NamedTuple):
     pid: int
     images: int  # real images in the batch
     node: str  # Ray node id, "-" outside Ray
+    ids: tuple[str, ...] = ()  # a digest of each real image, in batch order
 
 
 def read_calls(path: str | Path) -> list[Call]:
     """The model calls made so far, in order."""
     p = Path(path)
     lines = p.read_text().splitlines() if p.exists() else []
-    return [Call(int(pid), int(n), node) for pid, n, node in (line.split() for line in lines)]
+    calls = []
+    for pid, n, node, *ids in (line.split() for line in lines):
+        digests = tuple(ids[0].split(",")) if ids and ids[0] != "-" else ()
+        calls.append(Call(int(pid), int(n), node, digests))
+    return calls
 
 
 def build(path: str | None = None) -> Model:
@@ -82,9 +90,10 @@ def _make_apply(inner, options: dict, scale: float):
     mode, calls, delay = options["mode"], options["calls"], float(options["delay"])
     marker = options["marker"] * scale  # the marker value as the model sees it, in float32
 
-    def host(poison: np.ndarray, real: np.ndarray) -> None:
+    def host(poison: np.ndarray, real: np.ndarray, x: np.ndarray) -> None:
         if calls:
-            line = f"{os.getpid()} {int(real.sum())} {_node_id()}\n"
+            ids = ",".join(_digest(row) for row in x[real]) or "-"
+            line = f"{os.getpid()} {int(real.sum())} {_node_id()} {ids}\n"
             with open(calls, "a") as f:  # O_APPEND: one short write per call, safe across actors
                 f.write(line)
         if delay:
@@ -97,13 +106,17 @@ def _make_apply(inner, options: dict, scale: float):
     def apply(params, x):  # x: (B, H, W, C) float32
         poison = jnp.all(jnp.abs(x - marker) < 1e-6, axis=(1, 2, 3))  # (B,) bool
         real = jnp.any(x != 0, axis=(1, 2, 3))  # (B,) bool: padding rows are all zero
-        jax.debug.callback(host, poison, real)
+        jax.debug.callback(host, poison, real, x)
         logits = inner(params, x)  # (B, classes)
         if mode == "nan":
             logits = jnp.where(poison[:, None], jnp.nan, logits)
         return logits
 
     return apply
+
+
+def _digest(image: np.ndarray) -> str:
+    return hashlib.blake2b(image.tobytes(), digest_size=6).hexdigest()
 
 
 def _node_id() -> str:

@@ -135,33 +135,87 @@ class Injector(threading.Thread):
         return self.result
 
 
+BATCH = 32
+POISON_AT = (5, 22)  # rows of the one batch: in different halves, quarters and eighths
+
+
+def write_mixed_batch(root: Path) -> tuple[list[Path], list[Path]]:
+    """One batch of BATCH images in one directory, listed in name order: digits, with solid
+    gray marker images at rows POISON_AT among them. Returns (healthy, poison) paths."""
+    digits = write_samples(root.parent / "digits", BATCH - len(POISON_AT), seed=3)
+    root.mkdir()
+    healthy, poison = [], []
+    for row in range(BATCH):
+        if row in POISON_AT:
+            path = root / f"{row:02d}_poison.png"
+            size = (20 + 7 * len(poison), 30)
+            Image.new("L", size, poison_model.DEFAULTS["marker"]).save(path)
+            poison.append(path)
+        else:
+            digit = digits[len(healthy)]
+            path = root / f"{row:02d}_label{digit.parent.name}{digit.suffix}"
+            path.write_bytes(digit.read_bytes())
+            healthy.append(path)
+    return healthy, poison
+
+
+def bisection(lo: int, hi: int, bad: set[int]) -> list[tuple[int, int]]:
+    """The row ranges a model call covers when rows [lo, hi) are run and every failing range
+    is halved (each half padded to the compiled shape) down to single rows."""
+    if hi - lo == 1 or not bad & set(range(lo, hi)):
+        return [(lo, hi)]
+    mid = (lo + hi) // 2
+    return [(lo, hi), *bisection(lo, mid, bad), *bisection(mid, hi, bad)]
+
+
 @pytest.mark.parametrize("mode, message", [
     ("raise", r"model failed on this image: .*poison image in batch"),
     ("nan", r"model output is NaN or Inf for this image"),
 ], ids=["raises", "nan"])
 def test_poison_images_are_isolated_by_bisection(own_ray, tmp_path, mode, message):
+    """Two poison images share one batch of 32 with 30 healthy ones (rows 5 and 22).
+
+    The model calls are identified by the images they held (digests in the call log), so the
+    test sees the exact halves: for ``raise`` the calls are the 19 ranges of halving 32 rows
+    down to the two culprits, no more, no other. That rules out failing the whole batch
+    (30 healthy rows would be errors), retrying a failed batch one image at a time (33 calls
+    of 32 and 1), and a split that is not into halves of the batch. For ``nan`` a NaN row
+    needs no retry: one call, and only the two NaN rows are errors (rules out failing the
+    whole batch on any NaN, and re-running it).
+
+    Only calls holding real images are counted (padding rows are zeros, which the call log
+    does not count): a synthetic canary batch run after a failure is no call on the inputs.
+    A canary made of real input images would have to be told apart here."""
     src, out, calls = tmp_path / "in", tmp_path / "out", tmp_path / "calls"
-    marked = write_inputs(src, 40, poison=3)
+    healthy, marked = write_mixed_batch(src)
     options = poison_model.write_options(tmp_path / "model.json", mode=mode, calls=str(calls))
     summary = pipeline.run(str(src), str(out), model_fn="poison_model:build", model=options,
-                           batch_size=8, progress=False)
+                           batch_size=BATCH, actors=1, progress=False)
 
     rows = check_exactly_once(out, src)
     bad = {r["path"]: r for r in rows if r["status"] == "error"}
-    assert sorted(bad) == sorted(map(str, marked))
+    assert sorted(bad) == sorted(map(str, marked)), "only the poison images are errors"
     for r in bad.values():
         assert re.search(message, r["error"]), r["error"]
         assert r["label"] is None
-    good = [r for r in rows if r["status"] == "ok"]
-    assert sum(r["label_name"] == label_of(r["path"]) for r in good) >= 38  # neighbours intact
-    assert (summary.rows_ok, summary.rows_error) == (40, 3)
-    sizes = [c.images for c in poison_model.read_calls(calls)]
+    right = sum(r["label_name"] == r["path"].rsplit("label", 1)[-1][0] for r in rows
+                if r["status"] == "ok")
+    assert right >= len(healthy) - 2, f"{right}/{len(healthy)}: neighbours of poison broken"
+    assert (summary.rows_ok, summary.rows_error) == (len(healthy), len(marked))
+
+    made = [c.ids for c in poison_model.read_calls(calls) if c.images > 0]
+    (batch,) = [ids for ids in made if len(ids) == BATCH]  # the first call: the whole batch
+    poison_id = batch[POISON_AT[0]]
+    assert [i for i, d in enumerate(batch) if d == poison_id] == list(POISON_AT), (
+        "the poison images do not sit among healthy ones in one batch")
     if mode == "raise":
-        # Each failing batch of <= 8 is split down to single images: more calls than batches,
-        # but far fewer than one call per image.
-        assert sizes.count(1) >= 3 and len(sizes) < 43
-    else:  # a NaN row needs no retry: one call per batch
-        assert sum(sizes) == 43
+        expected = [batch[lo:hi] for lo, hi in bisection(0, BATCH, set(POISON_AT))]
+        assert len(expected) == 19
+    else:
+        expected = [batch]
+    assert sorted(made) == sorted(expected), (
+        f"model calls (images per call) {[len(ids) for ids in made]}, expected "
+        f"{[len(ids) for ids in expected]}")
 
 
 def test_image_that_kills_the_process_becomes_an_error_row(own_ray, tmp_path):
