@@ -210,7 +210,8 @@ def test_the_readme_commands_run_this_checkout(tmp_path):
     code = "import pipeline.cli, examples.color_classifier.color_model as m; " \
            "print(pipeline.cli.__file__); print(m.__file__)"
     result = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path, "/tmp/unused"),
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(ROOT / "pipeline" / "cli.py"),
                                      str(ROOT / "examples" / "color_classifier" / "color_model.py")]
@@ -272,7 +273,7 @@ def _run(argv: list[str], cwd: Path, sandbox: Path) -> subprocess.CompletedProce
     ray_tmp = tempfile.mkdtemp(prefix="bi-readme-", dir="/tmp")  # short: Ray's socket paths
     try:
         return subprocess.run(argv, cwd=cwd, env=_env(sandbox, ray_tmp), capture_output=True,
-                              text=True, timeout=420, start_new_session=True)
+                              text=True, timeout=420, start_new_session=True, check=False)
     finally:
         stop_private_ray(ray_tmp)
 
@@ -290,7 +291,7 @@ TEMPLATE_FILL = {
 def my_model_source() -> str:
     """The README's ``# my_model.py`` block with :data:`TEMPLATE_FILL` applied."""
     text = README.read_text()
-    blocks = re.findall(r"```python\n(# my_model\.py\n.*?)```", text, re.S)
+    blocks = re.findall(r"```python\n(# my_model\.py\n.*?)```", text, re.DOTALL)
     assert len(blocks) == 1, "README.md: expected one ```python block starting '# my_model.py'"
     source = blocks[0]
     for placeholder, body in TEMPLATE_FILL.items():
