@@ -10,6 +10,7 @@ import gzip
 import io
 import os
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -82,17 +83,34 @@ def test_tar_groups_by_key_and_picks_the_image_member(sample_dir):
 
 
 def test_tar_member_names_are_never_paths_on_disk(sample_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    """Hostile member names are error rows, and nothing is written anywhere.
+
+    Every place such a name could land is inside ``tmp_path``, which the test watches: the
+    process's working directory and its temporary directory are three levels down, so each
+    ``../`` lands in a watched directory, and the absolute name points into ``tmp_path`` too.
+    Rules out a reader that extracts the shard (or a member) to disk, even to a scratch
+    directory it removes: a traversing member would be left outside it, and
+    ``TarFile.extract``/``extractall`` fail the test when called at all."""
+    work = tmp_path / "a" / "b" / "c"
+    (work / "tmp").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(work / "tmp"))
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("the tar reader extracted a member to disk")
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", no_extraction)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", no_extraction)
     image = _samples(sample_dir)[0].read_bytes()
-    hostile = ["../evil.png", "../../evil2.png", "/tmp/evil3.png", "a/../../evil4.png"]
+    hostile = ["../evil1.png", "../../evil2.png", f"{tmp_path}/abs/evil3.png",
+               "a/../../evil4.png", "../../../evil5.png"]
+    before = sorted(tmp_path.rglob("*"))
     rows = _rows(tar_rows("s/h.tar", _tar([(n, image) for n in hostile] + [("ok.png", image)])))
     assert rows["s/h.tar/ok.png"] == image
     for name in hostile:
         err = rows[f"s/h.tar/{name}"]
         assert isinstance(err, ShardError) and "absolute or contains '..'" in str(err)
-    for written in ("evil.png", "evil2.png", "evil3.png", "evil4.png"):
-        for where in (tmp_path, tmp_path.parent, tmp_path.parent.parent, Path("/tmp")):
-            assert not (where / written).exists()
+    assert sorted(tmp_path.rglob("*")) == before, "the reader wrote files"
 
 
 def test_truncated_and_corrupt_tars_keep_what_they_can(sample_dir):
