@@ -124,7 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train import train
 
     if args.epochs < 1 or args.copies < 1:
-        raise ConfigError(f"--epochs and --copies must be at least 1, got {args.epochs} and {args.copies}")
+        raise ConfigError(
+            f"--epochs and --copies must be at least 1, got {args.epochs} and {args.copies}")
     metrics = train(args.output, epochs=args.epochs, copies=args.copies, seed=args.seed)
     print(json.dumps(metrics, indent=2))
     print(f"model written to {args.output}; use it with: batch-infer run --model {args.output} ...")
@@ -178,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=16,
                    help="passes over the rendered training set (default: 16, ~1-2 min on 2 cores)")
     p.add_argument("--copies", type=int, default=16,
-                   help="renderings of each training digit per epoch's set (default: 16; "
-                   "1 makes a quick smoke run: 1,500 images)")
+                   help="renderings of each training digit (default: 16; 1 makes a quick smoke "
+                   "run on 1,500 images)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
