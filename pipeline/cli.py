@@ -142,7 +142,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train import train
 
-    metrics = train(args.output, epochs=args.epochs, seed=args.seed)
+    if args.epochs < 1 or args.copies < 1:
+        raise ConfigError(
+            f"--epochs and --copies must be at least 1, got {args.epochs} and {args.copies}")
+    metrics = train(args.output, epochs=args.epochs, copies=args.copies, seed=args.seed)
     print(json.dumps(metrics, indent=2))
     print(f"model written to {args.output}; use it with: batch-infer run --model {args.output} ...")
     return 0
@@ -205,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="PATH", help="checkpoint directory to write")
     p.add_argument("--epochs", type=int, default=16,
                    help="passes over the rendered training set (default: 16, ~1-2 min on 2 cores)")
+    p.add_argument("--copies", type=int, default=16,
+                   help="renderings of each training digit (default: 16; 1 makes a quick smoke "
+                   "run on 1,500 images)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 

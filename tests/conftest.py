@@ -50,18 +50,28 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A 2-CPU Ray on 127.0.0.1 for one test module; yields its GCS address."""
+    """A 2-CPU Ray on 127.0.0.1 for one test module; yields its GCS address. Its workers can
+    import tests/ modules (``model_fn="poison_model:build"``)."""
+    import poison_model
     import ray
 
     ray.shutdown()
-    ctx = ray.init(
-        address="local",  # never join another test module's cluster on this machine
-        num_cpus=2,
-        object_store_memory=256 * 1024**2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-    )
+    pythonpath = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = poison_model.worker_env()["PYTHONPATH"]  # Ray's daemons copy it
+    try:
+        ctx = ray.init(
+            address="local",  # never join another test module's cluster on this machine
+            num_cpus=2,
+            object_store_memory=256 * 1024**2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level="WARNING",
+        )
+    finally:
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
 

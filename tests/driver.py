@@ -28,20 +28,23 @@ def can_drop_root_file_access() -> bool:
 class Driver:
     """``batch-infer`` in a subprocess with a Ray of its own."""
 
-    def __init__(self, args: list, cwd: Path | None = None, drop_root_file_access: bool = False):
+    def __init__(
+        self, args: list, cwd: Path | None = None, drop_root_file_access: bool = False,
+        env: dict[str, str] | None = None,
+    ):
         """Start ``batch-infer ARGS``; tests/ is importable (``--model-fn poison_model:build``).
         ``drop_root_file_access``: as root, run without the capabilities that ignore file
-        permissions (when ``setpriv`` is there)."""
+        permissions (when ``setpriv`` is there). ``env``: variables to set on top of ours
+        (e.g. ``HOME``, to see what a run writes there)."""
         self.ray_tmp = tempfile.mkdtemp(prefix="bi-cli-", dir="/tmp")  # short: socket paths
-        env = poison_model.worker_env()
-        env.pop("RAY_ADDRESS", None)
-        env["RAY_TMPDIR"] = self.ray_tmp
+        self.ray_started = False  # set by cleanup(): did this driver's Ray ever start?
+        self.ray_pids: list[int] = []  # set by cleanup(): the Ray processes it had to kill
         cmd = [sys.executable, "-m", "pipeline.cli", *map(str, args)]
         if drop_root_file_access and can_drop_root_file_access():
             cmd = DROP_DAC + cmd
         self.proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
+            cmd, cwd=cwd, env=private_ray_env(self.ray_tmp, env), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
 
     def wait(self, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -58,20 +61,35 @@ class Driver:
         self.cleanup()
 
     def cleanup(self) -> None:
-        """Kill what is left of this driver's Ray. Its daemons and workers inherited the
-        private RAY_TMPDIR (workers leave the process group and rename themselves, so neither
-        the group nor the command line finds them all; the environment does)."""
-        kill_ray_in(self.ray_tmp)
+        """Kill what is left of this driver's Ray (see :func:`stop_private_ray`); record
+        whether it had started one at all."""
+        self.ray_started = (Path(self.ray_tmp) / "ray").exists()  # Ray's session directories
+        self.ray_pids += stop_private_ray(self.ray_tmp)
 
 
-def kill_ray_in(ray_tmp: str) -> None:
-    """SIGKILL every process started with ``RAY_TMPDIR=ray_tmp`` (a Ray of a test's own: its
-    daemons, workers and nodes inherit the variable), then remove the directory."""
+def private_ray_env(ray_tmp: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Our environment for a subprocess that starts a Ray of its own in ``ray_tmp``: tests/
+    importable, no RAY_ADDRESS to join, ``extra`` on top."""
+    env = poison_model.worker_env()
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_TMPDIR"] = ray_tmp
+    env.update(extra or {})
+    return env
+
+
+def stop_private_ray(ray_tmp: str) -> list[int]:
+    """SIGKILL every process that carries ``RAY_TMPDIR=ray_tmp`` and remove the directory;
+    returns the pids killed. Ray's daemons and workers inherit the variable (workers leave the
+    process group and rename themselves, so neither the group nor the command line finds them
+    all; the environment does)."""
     mark = f"RAY_TMPDIR={ray_tmp}".encode()
+    killed = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if mark in (proc / "environ").read_bytes().split(b"\0"):
                 os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
         except OSError:  # gone already
             pass
     shutil.rmtree(ray_tmp, ignore_errors=True)
+    return killed

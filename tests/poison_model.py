@@ -10,9 +10,11 @@ be on ``PYTHONPATH`` for Ray's workers, see :func:`worker_env`). OPTIONS.json ho
 - ``marker``: an image is poison when every one of its pixels has this uint8 value (a solid
   gray square; real digits never are).
 - ``calls``: a file; every model call appends one line: process id, real images in the batch
-  and the Ray node id (``-`` outside Ray). Padding rows are all black, and the pipeline's own
-  start-up checks (the canary batch, the row-independence check: see pipeline/device.py) use
-  all-black and all-white images; no digit image is either, so neither counts as real.
+  and the Ray node id (``-`` outside Ray) and a short digest of each real image, in batch
+  order (the same image always has the same digest, so a test can see which images a call
+  held and whether one was computed again). Padding rows are all black, and the pipeline's
+  own start-up checks (the canary batch, the row-independence check: see pipeline/device.py)
+  use all-black and all-white images; no digit image is either, so neither counts as real.
 - ``delay``: seconds each model call sleeps, so a run lasts long enough to be interrupted.
 - ``break_after``: with mode ``"break"``, every call of a process after its first
   ``break_after`` calls raises, as a GPU does once its context is lost (an illegal address,
@@ -26,6 +28,7 @@ tell them from a real failure.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -61,13 +64,18 @@ class Call(NamedTuple):
     pid: int
     images: int  # real images in the batch
     node: str  # Ray node id, "-" outside Ray
+    ids: tuple[str, ...] = ()  # a digest of each real image, in batch order
 
 
 def read_calls(path: str | Path) -> list[Call]:
     """The model calls made so far, in order."""
     p = Path(path)
     lines = p.read_text().splitlines() if p.exists() else []
-    return [Call(int(pid), int(n), node) for pid, n, node in (line.split() for line in lines)]
+    calls = []
+    for pid, n, node, *ids in (line.split() for line in lines):
+        digests = tuple(ids[0].split(",")) if ids and ids[0] != "-" else ()
+        calls.append(Call(int(pid), int(n), node, digests))
+    return calls
 
 
 def build(path: str | None = None) -> Model:
@@ -106,11 +114,12 @@ def _make_apply(inner, options: dict, scale: float):
                 (broke / str(os.getpid())).touch()
         return breaking[0]
 
-    def host(poison: np.ndarray, real: np.ndarray) -> None:
+    def host(poison: np.ndarray, real: np.ndarray, x: np.ndarray) -> None:
         if broken():
             raise RuntimeError("simulated device failure: CUDA_ERROR_ILLEGAL_ADDRESS")
         if calls:
-            line = f"{os.getpid()} {int(real.sum())} {_node_id()}\n"
+            ids = ",".join(_digest(row) for row in x[real]) or "-"
+            line = f"{os.getpid()} {int(real.sum())} {_node_id()} {ids}\n"
             with open(calls, "a") as f:  # O_APPEND: one short write per call, safe across actors
                 f.write(line)
         if delay:
@@ -125,13 +134,17 @@ def _make_apply(inner, options: dict, scale: float):
         black = jnp.all(x == 0, axis=(1, 2, 3))  # (B,) bool: padding, canary
         white = jnp.all(jnp.abs(x - 255 * scale) < 1e-6, axis=(1, 2, 3))  # start-up check
         real = ~(black | white)  # (B,) bool
-        jax.debug.callback(host, poison, real)
+        jax.debug.callback(host, poison, real, x)
         logits = inner(params, x)  # (B, classes)
         if mode == "nan":
             logits = jnp.where(poison[:, None], jnp.nan, logits)
         return logits
 
     return apply
+
+
+def _digest(image: np.ndarray) -> str:
+    return hashlib.blake2b(image.tobytes(), digest_size=6).hexdigest()
 
 
 def _node_id() -> str:

@@ -21,7 +21,7 @@ import time
 import poison_model
 import pyarrow.parquet as pq
 import pytest
-from driver import kill_ray_in
+from driver import stop_private_ray
 
 import pipeline
 from pipeline.digits import write_samples
@@ -86,7 +86,7 @@ def autoscaling_head(tmp_path, monkeypatch):
         yield gcs
     finally:
         ray.shutdown()
-        kill_ray_in(ray_tmp)
+        stop_private_ray(ray_tmp)
 
 
 def test_a_cluster_that_gains_gpu_nodes_mid_run_uses_them(autoscaling_head, tmp_path):

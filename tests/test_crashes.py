@@ -2,9 +2,10 @@
 gets exactly one row.
 
 Faults are injected the way they happen: the model (``tests/poison_model.py``) fails inside its
-compiled function, actors are SIGKILLed by pid (found through Ray's state API), a node of a
-3-node local cluster is removed. These tests start their own Ray (the state API needs the
-dashboard; the node test needs several nodes) and shut it down when done.
+compiled function, actors are SIGKILLed by pid in the middle of a model call (the model's call
+log says which process is calling it), a node of a 3-node local cluster is removed. The call
+log also names the images of each call, so a test can check that work cut short was redone.
+These tests start their own Ray (the node test needs several nodes) and shut it down when done.
 """
 
 from __future__ import annotations
@@ -21,22 +22,18 @@ from pathlib import Path
 import poison_model
 import pyarrow.parquet as pq
 import pytest
-from conftest import label_of
 from PIL import Image
 
 import pipeline
 from pipeline.digits import write_samples
 
-# In the name of the actor class Ray Data makes of ours: "MapWorker(MapBatches(Predictor))",
-# or "MapWorker(MapBatches(_decode_task)->MapBatches(Predictor))" when it fuses decode in.
-PREDICTOR = "MapBatches(Predictor)"
-_ray: dict = {}  # the Ray this module started: {"dashboard": url}
+_ray: dict = {}  # the Ray this module started: {"address": GCS address}
 
 
 @pytest.fixture
 def own_ray():
-    """A 2-CPU loopback Ray with its dashboard, started once for the tests that share it; its
-    workers import tests/ modules (PYTHONPATH is inherited from this process)."""
+    """A 2-CPU loopback Ray, started once for the tests that share it; its workers import
+    tests/ modules (PYTHONPATH is inherited from this process)."""
     import ray
 
     if not _ray or not ray.is_initialized():
@@ -47,13 +44,12 @@ def own_ray():
             address="local",  # never join another Ray found on this machine
             num_cpus=2,
             object_store_memory=200 * 1024**2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
+            include_dashboard=False,
             _node_ip_address="127.0.0.1",
             logging_level="WARNING",
         )
-        _ray["dashboard"] = f"http://{ctx.dashboard_url}"
-    yield _ray["dashboard"]
+        _ray["address"] = ctx.address_info["gcs_address"]
+    yield _ray["address"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,21 +85,6 @@ def check_exactly_once(out: Path, src: Path) -> list[dict]:
     return rows
 
 
-def alive_predictor_pid(dashboard: str, timeout: float = 60) -> int:
-    """The pid of the one live inference actor, from Ray's state API (which can lag a restart
-    by a moment: it is asked again until it reports one)."""
-    from ray.util.state import list_actors
-
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], timeout=30)
-        alive = [a for a in alive if PREDICTOR in a.class_name]
-        if len(alive) == 1 and alive[0].pid:
-            return alive[0].pid
-        assert time.monotonic() < deadline, f"no single live inference actor: {alive}"
-        time.sleep(0.1)
-
-
 def wait_for_calls(calls: Path, at_least: int, timeout: float = 180) -> list[poison_model.Call]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -135,33 +116,87 @@ class Injector(threading.Thread):
         return self.result
 
 
+BATCH = 32
+POISON_AT = (5, 22)  # rows of the one batch: in different halves, quarters and eighths
+
+
+def write_mixed_batch(root: Path) -> tuple[list[Path], list[Path]]:
+    """One batch of BATCH images in one directory, listed in name order: digits, with solid
+    gray marker images at rows POISON_AT among them. Returns (healthy, poison) paths."""
+    digits = write_samples(root.parent / "digits", BATCH - len(POISON_AT), seed=3)
+    root.mkdir()
+    healthy, poison = [], []
+    for row in range(BATCH):
+        if row in POISON_AT:
+            path = root / f"{row:02d}_poison.png"
+            size = (20 + 7 * len(poison), 30)
+            Image.new("L", size, poison_model.DEFAULTS["marker"]).save(path)
+            poison.append(path)
+        else:
+            digit = digits[len(healthy)]
+            path = root / f"{row:02d}_label{digit.parent.name}{digit.suffix}"
+            path.write_bytes(digit.read_bytes())
+            healthy.append(path)
+    return healthy, poison
+
+
+def bisection(lo: int, hi: int, bad: set[int]) -> list[tuple[int, int]]:
+    """The row ranges a model call covers when rows [lo, hi) are run and every failing range
+    is halved (each half padded to the compiled shape) down to single rows."""
+    if hi - lo == 1 or not bad & set(range(lo, hi)):
+        return [(lo, hi)]
+    mid = (lo + hi) // 2
+    return [(lo, hi), *bisection(lo, mid, bad), *bisection(mid, hi, bad)]
+
+
 @pytest.mark.parametrize("mode, message", [
     ("raise", r"model failed on this image: .*poison image in batch"),
     ("nan", r"model output is NaN or Inf for this image"),
 ], ids=["raises", "nan"])
 def test_poison_images_are_isolated_by_bisection(own_ray, tmp_path, mode, message):
+    """Two poison images share one batch of 32 with 30 healthy ones (rows 5 and 22).
+
+    The model calls are identified by the images they held (digests in the call log), so the
+    test sees the exact halves: for ``raise`` the calls are the 19 ranges of halving 32 rows
+    down to the two culprits, no more, no other. That rules out failing the whole batch
+    (30 healthy rows would be errors), retrying a failed batch one image at a time (33 calls
+    of 32 and 1), and a split that is not into halves of the batch. For ``nan`` a NaN row
+    needs no retry: one call, and only the two NaN rows are errors (rules out failing the
+    whole batch on any NaN, and re-running it).
+
+    Only calls holding real images are counted (padding rows are zeros, which the call log
+    does not count): a synthetic canary batch run after a failure is no call on the inputs.
+    A canary made of real input images would have to be told apart here."""
     src, out, calls = tmp_path / "in", tmp_path / "out", tmp_path / "calls"
-    marked = write_inputs(src, 40, poison=3)
+    healthy, marked = write_mixed_batch(src)
     options = poison_model.write_options(tmp_path / "model.json", mode=mode, calls=str(calls))
     summary = pipeline.run(str(src), str(out), model_fn="poison_model:build", model=options,
-                           batch_size=8, progress=False)
+                           batch_size=BATCH, actors=1, progress=False)
 
     rows = check_exactly_once(out, src)
     bad = {r["path"]: r for r in rows if r["status"] == "error"}
-    assert sorted(bad) == sorted(map(str, marked))
+    assert sorted(bad) == sorted(map(str, marked)), "only the poison images are errors"
     for r in bad.values():
         assert re.search(message, r["error"]), r["error"]
         assert r["label"] is None
-    good = [r for r in rows if r["status"] == "ok"]
-    assert sum(r["label_name"] == label_of(r["path"]) for r in good) >= 38  # neighbours intact
-    assert (summary.rows_ok, summary.rows_error) == (40, 3)
-    sizes = [c.images for c in poison_model.read_calls(calls)]
+    right = sum(r["label_name"] == r["path"].rsplit("label", 1)[-1][0] for r in rows
+                if r["status"] == "ok")
+    assert right >= len(healthy) - 2, f"{right}/{len(healthy)}: neighbours of poison broken"
+    assert (summary.rows_ok, summary.rows_error) == (len(healthy), len(marked))
+
+    made = [c.ids for c in poison_model.read_calls(calls) if c.images > 0]
+    (batch,) = [ids for ids in made if len(ids) == BATCH]  # the first call: the whole batch
+    poison_id = batch[POISON_AT[0]]
+    assert [i for i, d in enumerate(batch) if d == poison_id] == list(POISON_AT), (
+        "the poison images do not sit among healthy ones in one batch")
     if mode == "raise":
-        # Each failing batch of <= 8 is split down to single images: more calls than batches,
-        # but far fewer than one call per image.
-        assert sizes.count(1) >= 3 and len(sizes) < 43
-    else:  # a NaN row needs no retry: one call per batch
-        assert sum(sizes) == 43
+        expected = [batch[lo:hi] for lo, hi in bisection(0, BATCH, set(POISON_AT))]
+        assert len(expected) == 19
+    else:
+        expected = [batch]
+    assert sorted(made) == sorted(expected), (
+        f"model calls (images per call) {[len(ids) for ids in made]}, expected "
+        f"{[len(ids) for ids in expected]}")
 
 
 def test_image_that_kills_the_process_becomes_an_error_row(own_ray, tmp_path):
@@ -184,41 +219,75 @@ def test_image_that_kills_the_process_becomes_an_error_row(own_ray, tmp_path):
     assert len({c.pid for c in poison_model.read_calls(calls)}) == 5  # 2k + 2 restarts, k = 1
 
 
+def wait_for_new_calls(calls: Path, after: int, count: int, ended: threading.Event, what: str,
+                       timeout: float = 180) -> list[poison_model.Call]:
+    """Wait until the call log holds ``count`` calls past its first ``after``; returns them.
+    Fails clearly when the run ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        recent = poison_model.read_calls(calls)[after:]
+        if len(recent) >= count:
+            return recent
+        assert not ended.is_set(), (
+            f"the run ended before {what}: the kill would land after the work was done; give "
+            "the test more images or a longer model delay")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def redone(calls: list[poison_model.Call], killed: poison_model.Call, after: int) -> bool:
+    """Whether every image of ``killed`` (a call cut short) was computed again, by another
+    process, in the calls from ``after`` on."""
+    again = {i for c in calls[after:] if c.pid != killed.pid for i in c.ids}
+    return set(killed.ids) <= again
+
+
 def test_actor_killed_mid_run_is_replaced(own_ray, tmp_path):
-    """SIGKILL the inference actor mid-call, then its replacement too, soon after it starts."""
+    """SIGKILL the inference actor in the middle of a model call, then its replacement too.
+
+    Each model call sleeps 0.3 s, so a kill sent as soon as a call is logged lands inside it:
+    that call's images are in flight, and must be computed again by the next actor. There are
+    20 calls of work and the kills come after 4 and 4 + 2 calls; if a kill still came after
+    the run had ended (a much slower machine), the test says so instead of passing.
+    Rules out: a pool that does not restart the actor (rows lost), one that drops the killed
+    actor's in-flight batch (its images never computed again), and a retry that duplicates
+    rows."""
     src, out, calls = tmp_path / "in", tmp_path / "out", tmp_path / "calls"
     write_inputs(src, 160)
-    options = poison_model.write_options(tmp_path / "model.json", calls=str(calls), delay=0.1)
+    options = poison_model.write_options(tmp_path / "model.json", calls=str(calls), delay=0.3)
+    ended = threading.Event()
 
     def kill_predictor_twice():
-        killed = []
-        for wait_for in (4, 2):  # calls by the actor about to be killed
-            done = len(poison_model.read_calls(calls))
-            deadline = time.monotonic() + 120
-            while True:
-                recent = poison_model.read_calls(calls)[done:]
-                if sum(c.pid not in killed for c in recent) >= wait_for:
-                    break
-                assert time.monotonic() < deadline, "the model stopped being called"
-                time.sleep(0.05)
-            pid = alive_predictor_pid(own_ray)
-            os.kill(pid, signal.SIGKILL)  # mid-call: each call sleeps inside the model
-            killed.append(pid)
-        return killed, len(poison_model.read_calls(calls))
+        killed = []  # (the call cut short, its index in the call log)
+        for n, wait_for in enumerate((4, 2), 1):  # calls by the actor about to be killed
+            after = len(poison_model.read_calls(calls))
+            recent = wait_for_new_calls(calls, after, wait_for, ended, f"kill {n}")
+            victim = recent[-1]  # the call running now, sleeping inside the model
+            try:
+                os.kill(victim.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                raise AssertionError(f"kill {n}: actor {victim.pid} had already exited") from None
+            killed.append((victim, after + len(recent) - 1))
+        return killed
 
     killer = Injector(kill_predictor_twice)
     killer.start()
-    summary = pipeline.run(str(src), str(out), model_fn="poison_model:build", model=options,
-                           batch_size=8, actors=1, rows_per_file=32, progress=False)
-    killed, calls_before = killer.outcome()
+    try:
+        summary = pipeline.run(str(src), str(out), model_fn="poison_model:build", model=options,
+                               batch_size=8, actors=1, rows_per_file=32, progress=False)
+    finally:
+        ended.set()
+    killed = killer.outcome()
 
     rows = check_exactly_once(out, src)
     assert all(r["status"] == "ok" for r in rows) and summary.rows_ok == 160
     made = poison_model.read_calls(calls)
-    assert len({c.pid for c in made}) == 3  # the first actor and two replacements
-    after = [c.images for c in made[calls_before:] if c.pid not in killed]
-    assert sum(after) >= 160 - sum(c.images for c in made[:calls_before]), (
-        "the last actor did not do the rest of the work")
+    pids = list(dict.fromkeys(c.pid for c in made))
+    assert len(pids) == 3, f"expected the first actor and two replacements, saw pids {pids}"
+    for (victim, index), n in zip(killed, (1, 2)):
+        assert victim.pid not in {c.pid for c in made[index + 1:]}, f"kill {n} missed its actor"
+        assert redone(made, victim, index + 1), (
+            f"kill {n}: the images of the call it cut short were never computed again")
 
 
 def kill_node(cluster, node) -> list[int]:
@@ -255,7 +324,10 @@ def descendants(root: int) -> list[int]:
 @pytest.mark.slow
 def test_node_lost_mid_run(tmp_path, monkeypatch):
     """A 3-node cluster on loopback (head: driver only; two 2-CPU workers); the worker whose
-    actor is busy is removed mid-run."""
+    actor is busy is removed in the middle of a model call (each sleeps 0.3 s).
+    Rules out: losing the rows of the lost node's in-flight block, and counting on any call
+    after the loss as proof: the images of the call the loss cut short must be computed
+    again on the surviving node."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -281,25 +353,29 @@ def test_node_lost_mid_run(tmp_path, monkeypatch):
         ray.init(address=cluster.address, logging_level="WARNING")
         src, out, calls = tmp_path / "in", tmp_path / "out", tmp_path / "calls"
         write_inputs(src, 240)
-        options = poison_model.write_options(tmp_path / "model.json", calls=str(calls), delay=0.1)
+        options = poison_model.write_options(tmp_path / "model.json", calls=str(calls), delay=0.3)
 
         def remove_busy_node():
-            busy = wait_for_calls(calls, 4)[-1]  # the node whose actor made the latest call
+            seen = wait_for_calls(calls, 4)
+            busy = seen[-1]  # the call running now, sleeping inside the model on its node
             (node,) = [w for w in workers if w.node_id == busy.node]
             assert busy.pid in kill_node(cluster, node)
-            return busy.node, len(poison_model.read_calls(calls))
+            return busy, len(seen)
 
         remover = Injector(remove_busy_node)
         remover.start()
         summary = pipeline.run(str(src), str(out), model_fn="poison_model:build", model=options,
                                batch_size=8, actors=2, rows_per_file=32, progress=False)
-        lost_node, calls_before = remover.outcome()
+        busy, calls_before = remover.outcome()
 
         rows = check_exactly_once(out, src)
         assert all(r["status"] == "ok" for r in rows) and summary.rows_ok == 240
         made = poison_model.read_calls(calls)
-        assert not [c for c in made[calls_before:] if c.node == lost_node]  # it is gone
-        assert sum(c.images for c in made[calls_before:]) > 0, "lost after the work was done"
+        assert not [c for c in made[calls_before:] if c.node == busy.node]  # it is gone
+        assert made[calls_before:], "the node was lost after the work was done: give the " \
+                                    "test more images or a longer model delay"
+        assert redone(made, busy, calls_before), (
+            "the images the lost node was computing were never computed again")
     finally:
         ray.shutdown()
         cluster.shutdown()

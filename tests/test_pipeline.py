@@ -6,6 +6,7 @@ import json
 import shutil
 
 import duckdb
+import poison_model
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -46,11 +47,17 @@ def test_directory_to_parquet(ray_local, sample_dir, tmp_path):
 
 
 def test_corrupt_file_is_one_error_row(ray_local, sample_dir, tmp_path):
+    """Then resuming the finished run computes nothing: the model (the bundled CNN with a call
+    log) is not called at all. Rules out a resume that recomputes every row and relies on
+    the writer to drop the ones already written."""
     src = tmp_path / "in"
     shutil.copytree(sample_dir, src)
     (src / "3" / "broken.jpg").write_text("this is not a jpeg")
     (src / "notes.txt").write_text("skipped by extension")
-    summary = pipeline.run(str(src), str(tmp_path / "out"))
+    calls = tmp_path / "calls"
+    model = {"model_fn": "poison_model:build",
+             "model": poison_model.write_options(tmp_path / "model.json", calls=str(calls))}
+    summary = pipeline.run(str(src), str(tmp_path / "out"), **model)
     rows = pq.read_table(tmp_path / "out").to_pylist()
     assert len(rows) == 41
     errors = [r for r in rows if r["status"] == "error"]
@@ -59,9 +66,12 @@ def test_corrupt_file_is_one_error_row(ray_local, sample_dir, tmp_path):
     assert errors[0]["label"] is None and errors[0]["topk_labels"] is None
     assert summary.rows_error == 1 and summary.rows_ok == 40
     assert summary.skipped == {"not an image extension": 1}
-    # Resuming the finished run reads nothing and still counts the earlier rows by status.
-    again = pipeline.run(str(src), str(tmp_path / "out"), resume=True)
+    assert sum(c.images for c in poison_model.read_calls(calls)) == 40  # the 40 decoded images
+    # Resuming the finished run computes nothing and still counts the earlier rows by status.
+    calls.unlink()
+    again = pipeline.run(str(src), str(tmp_path / "out"), resume=True, **model)
     assert (again.rows_resumed, again.rows_ok, again.rows_error) == (41, 40, 1)
+    assert poison_model.read_calls(calls) == [], "resuming a finished run called the model"
 
 
 def test_single_file_and_glob_inputs(ray_local, sample_dir, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -74,33 +75,45 @@ def snapshot(root: Path, skip: Path) -> dict[str, tuple]:
 
 @pytest.mark.slow
 def test_killed_driver_resumes_exactly_once_and_writes_only_its_output(tmp_path):
+    """Writes only its output: the runs get a HOME and a TMPDIR of their own; afterwards
+    HOME holds only the documented compilation cache (~/.cache/batch-infer/xla, private to
+    the user) and the auth token Ray itself writes when it starts a local cluster
+    (~/.ray/auth_token), and TMPDIR nothing. Rules out a run that leaves files anywhere else:
+    scratch files in the temporary directory, a cache or log in an undocumented place, a
+    change to its inputs or working directory."""
     sandbox = tmp_path / "sandbox"  # what the run may read but must not change
     src, out, cwd = sandbox / "images", sandbox / "out", sandbox / "cwd"
     cwd.mkdir(parents=True)
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = {"HOME": str(home), "TMPDIR": str(tmp)}
     write_samples(src, IMAGES, seed=5)
     calls = tmp_path / "calls"  # the test model's own record, outside the sandbox
-    options = poison_model.write_options(tmp_path / "model.json", calls=str(calls), delay=0.1)
+    # 0.3 s per model call: 25 calls, so the kill below lands seconds before the run's end.
+    options = poison_model.write_options(tmp_path / "model.json", calls=str(calls), delay=0.3)
     run = ["run", "--input", src, "--output", out, "--model-fn", "poison_model:build",
            "--model", options, "--batch-size", BATCH, "--rows-per-file", 16, "--actors", 1,
            "--no-progress"]
     before = snapshot(sandbox, skip=out)
 
     # 1. Killed after the manifest is written, before any row is committed.
-    driver = Driver(run, cwd)
+    driver = Driver(run, cwd, env=env)
     wait_until(lambda: (out / "_manifest.json").exists(), "the manifest", driver)
     driver.kill()
     assert committed_rows(out) == []
 
     # 2. Resumed, and killed again once some part files are committed.
-    driver = Driver([*run, "--resume"], cwd)
+    driver = Driver([*run, "--resume"], cwd, env=env)
     wait_until(lambda: len(list(out.glob("part-*.parquet"))) >= 2, "two part files", driver)
     driver.kill()
     done = committed_rows(out)
-    assert 32 <= len(done) < IMAGES
+    assert len(done) < IMAGES, "the kill landed after every row was committed: more work needed"
+    assert len(done) >= 32
     calls.rename(tmp_path / "calls_before")
 
     # 3. Resumed to the end: only the rest is computed.
-    result = Driver([*run, "--resume"], cwd).wait()
+    result = Driver([*run, "--resume"], cwd, env=env).wait()
     assert result.returncode == 0, result.stderr[-3000:]
     rows = pq.read_table(out).to_pylist()
     assert sorted(committed_rows(out)) == sorted(str(p) for p in src.rglob("*.*"))
@@ -115,7 +128,7 @@ def test_killed_driver_resumes_exactly_once_and_writes_only_its_output(tmp_path)
 
     # 4. Resuming a finished run computes nothing.
     calls.unlink()
-    result = Driver([*run, "--resume"], cwd).wait()
+    result = Driver([*run, "--resume"], cwd, env=env).wait()
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "_summary.json").read_text())["rows_resumed"] == IMAGES
     assert poison_model.read_calls(calls) == []
@@ -126,6 +139,16 @@ def test_killed_driver_resumes_exactly_once_and_writes_only_its_output(tmp_path)
     assert [n for n in names if not n.startswith("part-")] == [
         "_listing.arrow", "_manifest.json", "_report.html", "_summary.json"]
     assert all(n.endswith(".parquet") for n in names if n.startswith("part-"))
+    written = sorted(str(p.relative_to(home)) for p in home.rglob("*") if not p.is_dir())
+    cache = [p for p in written if p.startswith(".cache/batch-infer/xla/")]
+    assert cache, f"no compilation cache under HOME: was HOME used at all? {written}"
+    assert (home / ".cache/batch-infer/xla").stat().st_mode & 0o077 == 0  # private
+    assert sorted(set(written) - set(cache)) in ([], [".ray/auth_token"]), written
+    # Only the listening sockets of multiprocessing's fork server (Ray's dashboard starts one),
+    # which this test's SIGKILL of a killed run's Ray leaves no time to remove.
+    left = [str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.is_dir()]
+    assert all(re.fullmatch(r"pymp-\w+/listener-\w+", f) and (tmp / f).is_socket()
+               for f in left), left
 
 
 def test_resume_refuses_another_model_listing_or_options(ray_local, tmp_path):
@@ -143,7 +166,9 @@ def test_resume_refuses_another_model_listing_or_options(ray_local, tmp_path):
 
 
 def test_resume_refusal_through_the_cli(tmp_path):
-    """The user sees one line naming both models and exit status 2, before any Ray starts."""
+    """The user sees one line naming both models and exit status 2, before any Ray starts:
+    the run's private Ray directory never gets a session and no Ray process is left. Rules
+    out checks that run only after Ray has started (seconds of start-up for a typo)."""
     src, out = tmp_path / "images", tmp_path / "out"
     write_samples(src, 3, seed=2)
     cfg = RunConfig(input=str(src), output=str(out))
@@ -152,9 +177,11 @@ def test_resume_refusal_through_the_cli(tmp_path):
     listing = source.list(cfg.input, cfg.output)
     runner._prepare(OutputDir(str(out)), cfg, listing, bundled, source)  # as a run begins
     options = poison_model.write_options(tmp_path / "model.json")
-    result = Driver(["run", "--input", src, "--output", out, "--resume",
-                     "--model-fn", "poison_model:build", "--model", options], tmp_path).wait(120)
+    driver = Driver(["run", "--input", src, "--output", out, "--resume",
+                     "--model-fn", "poison_model:build", "--model", options], tmp_path)
+    result = driver.wait(120)
     assert result.returncode == 2
+    assert not driver.ray_started and driver.ray_pids == [], "Ray started before the refusal"
     other = pipeline.load_model(options, "poison_model:build").fingerprint
     assert result.stderr.strip().splitlines()[-1] == (
         f"batch-infer: error: Cannot resume into '{out}': its rows were made by model "

@@ -8,11 +8,14 @@ settings (runtime_env), as it must on a cluster whose nodes were started elsewhe
 from __future__ import annotations
 
 import socket
+import time
 
+import poison_model
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from conftest import label_of
+from driver import Driver
 
 import pipeline
 
@@ -80,15 +83,68 @@ def test_s3_images_to_s3_parquet(s3, sample_dir):
     assert sum(r["label_name"] == label_of(r["path"]) for r in ok) >= 38
 
 
-def test_s3_resume_skips_committed_rows(s3):
-    out = f"s3://{BUCKET}/resume"
-    pipeline.run(f"s3://{BUCKET}/in/[0-4]/*", out)
-    first = pq.read_table(f"{BUCKET}/resume", filesystem=s3).num_rows
-    assert 0 < first < 41
+def committed(fs: pafs.FileSystem, prefix: str) -> dict[str, str]:
+    """path -> status of the rows in the part files under BUCKET/prefix (what a reader sees)."""
+    selector = pafs.FileSelector(f"{BUCKET}/{prefix}", allow_not_found=True)
+    rows: dict[str, str] = {}
+    for info in sorted(fs.get_file_info(selector), key=lambda i: i.path):
+        if info.base_name.endswith(".parquet") and not info.base_name.startswith(("_", ".")):
+            table = pq.read_table(info.path, filesystem=fs, columns=["path", "status"])
+            for path, status in zip(*(table.column(c).to_pylist() for c in ("path", "status"))):
+                assert path not in rows, f"row {path} committed twice"
+                rows[path] = status
+    return rows
+
+
+def test_s3_resume_skips_committed_rows(s3, tmp_path):
+    """Resuming a finished run calls the model on nothing. Rules out a resume that recomputes
+    every row and relies on the writer to drop those already written."""
+    out, calls = f"s3://{BUCKET}/resume", tmp_path / "calls"
+    model = {"model_fn": "poison_model:build",
+             "model": poison_model.write_options(tmp_path / "model.json", calls=str(calls))}
+    first = pipeline.run(f"s3://{BUCKET}/in/[0-4]/*", out, **model)
+    rows = first.rows_ok + first.rows_error
+    assert 0 < rows == pq.read_table(f"{BUCKET}/resume", filesystem=s3).num_rows < 41
+    assert sum(c.images for c in poison_model.read_calls(calls)) == first.rows_ok
     # Same listing, same output: everything is already committed.
-    again = pipeline.run(f"s3://{BUCKET}/in/[0-4]/*", out, resume=True)
-    assert again.rows_resumed == first and again.rows_ok + again.rows_error == first
-    assert pq.read_table(f"{BUCKET}/resume", filesystem=s3).num_rows == first
+    calls.unlink()
+    again = pipeline.run(f"s3://{BUCKET}/in/[0-4]/*", out, resume=True, **model)
+    assert again.rows_resumed == rows and again.rows_ok + again.rows_error == rows
+    assert pq.read_table(f"{BUCKET}/resume", filesystem=s3).num_rows == rows
+    assert poison_model.read_calls(calls) == [], "resuming a finished run called the model"
+
+
+def test_s3_run_killed_then_resumed_computes_only_the_rest(s3, tmp_path):
+    """The real ``batch-infer run`` from S3 to S3 is SIGKILLed once some rows are committed
+    (each model call sleeps 0.3 s; 2 rows per call and per part file); --resume then gives
+    every object exactly one row, and the model sees only the images not committed before.
+    Rules out a resume on S3 that recomputes every row (the writer dropping duplicates)."""
+    out, calls = f"s3://{BUCKET}/killed", tmp_path / "calls"
+    options = poison_model.write_options(tmp_path / "model.json", calls=str(calls), delay=0.3)
+    driver = Driver(["run", "--input", f"s3://{BUCKET}/in", "--output", out,
+                     "--model-fn", "poison_model:build", "--model", options, "--batch-size", 2,
+                     "--rows-per-file", 2, "--actors", 1, "--no-progress"], tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while len(committed(s3, "killed")) < 4:
+            assert driver.proc.poll() is None, (
+                f"the run ended before it could be killed: {driver.proc.stderr.read()[-2000:]}")
+            assert time.monotonic() < deadline, "timed out waiting for 4 committed rows"
+            time.sleep(0.05)
+    finally:
+        driver.kill()
+    before = committed(s3, "killed")
+    calls.unlink()
+
+    again = pipeline.run(f"s3://{BUCKET}/in", out, resume=True, model_fn="poison_model:build",
+                         model=options)
+    rows = committed(s3, "killed")
+    assert 4 <= len(before) < len(rows) == 41  # 40 images and broken.jpg
+    assert (again.rows_ok, again.rows_error, again.rows_resumed) == (40, 1, len(before))
+    assert {p: s for p, s in rows.items() if p in before} == before
+    ok_before = sum(status == "ok" for status in before.values())
+    assert sum(c.images for c in poison_model.read_calls(calls)) == 40 - ok_before, (
+        "the resume computed rows that were already committed")
 
 
 def test_missing_bucket_prefix_is_one_clear_error(s3, tmp_path):

@@ -10,12 +10,16 @@ import gzip
 import io
 import os
 import tarfile
+import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
+import poison_model
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from driver import Driver
 
 import pipeline
 from pipeline.cli import main
@@ -79,17 +83,34 @@ def test_tar_groups_by_key_and_picks_the_image_member(sample_dir):
 
 
 def test_tar_member_names_are_never_paths_on_disk(sample_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    """Hostile member names are error rows, and nothing is written anywhere.
+
+    Every place such a name could land is inside ``tmp_path``, which the test watches: the
+    process's working directory and its temporary directory are three levels down, so each
+    ``../`` lands in a watched directory, and the absolute name points into ``tmp_path`` too.
+    Rules out a reader that extracts the shard (or a member) to disk, even to a scratch
+    directory it removes: a traversing member would be left outside it, and
+    ``TarFile.extract``/``extractall`` fail the test when called at all."""
+    work = tmp_path / "a" / "b" / "c"
+    (work / "tmp").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(work / "tmp"))
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("the tar reader extracted a member to disk")
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", no_extraction)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", no_extraction)
     image = _samples(sample_dir)[0].read_bytes()
-    hostile = ["../evil.png", "../../evil2.png", "/tmp/evil3.png", "a/../../evil4.png"]
+    hostile = ["../evil1.png", "../../evil2.png", f"{tmp_path}/abs/evil3.png",
+               "a/../../evil4.png", "../../../evil5.png"]
+    before = sorted(tmp_path.rglob("*"))
     rows = _rows(tar_rows("s/h.tar", _tar([(n, image) for n in hostile] + [("ok.png", image)])))
     assert rows["s/h.tar/ok.png"] == image
     for name in hostile:
         err = rows[f"s/h.tar/{name}"]
         assert isinstance(err, ShardError) and "absolute or contains '..'" in str(err)
-    for written in ("evil.png", "evil2.png", "evil3.png", "evil4.png"):
-        for where in (tmp_path, tmp_path.parent, tmp_path.parent.parent, Path("/tmp")):
-            assert not (where / written).exists()
+    assert sorted(tmp_path.rglob("*")) == before, "the reader wrote files"
 
 
 def test_truncated_and_corrupt_tars_keep_what_they_can(sample_dir):
@@ -225,18 +246,79 @@ def test_tar_shards_through_the_pipeline(ray_local, tar_shards, sample_dir, tmp_
     assert summary.rows_error == 4  # corrupt member, cut member, cut shard, not-a-tar shard
 
 
+def committed(out: Path) -> dict[str, str]:
+    """path -> status of the rows in the part files committed so far (what a reader sees)."""
+    rows: dict[str, str] = {}
+    for part in sorted(out.glob("*.parquet")):
+        if not part.name.startswith(("_", ".")):
+            table = pq.read_table(part, columns=["path", "status"])
+            for path, status in zip(*(table.column(c).to_pylist() for c in ("path", "status"))):
+                assert path not in rows, f"row {path} committed twice"
+                rows[path] = status
+    return rows
+
+
+def ok_images(rows: dict[str, str]) -> int:
+    """Rows that reached the model: the ok ones (the fixture's error rows fail in decode)."""
+    return sum(status == "ok" for status in rows.values())
+
+
 def test_tar_resume_gives_each_row_exactly_once(ray_local, tar_shards, tmp_path):
-    out = tmp_path / "out"
-    first = pipeline.run(str(tar_shards), str(out), input_format="tar", rows_per_file=7)
+    """Every other part file of a finished run is lost; --resume rewrites exactly those rows
+    and the model sees exactly their images. Rules out a resume that recomputes every row
+    and relies on the writer to drop those already written."""
+    out, calls = tmp_path / "out", tmp_path / "calls"
+    model = {"model_fn": "poison_model:build",
+             "model": poison_model.write_options(tmp_path / "model.json", calls=str(calls))}
+    first = pipeline.run(str(tar_shards), str(out), input_format="tar", rows_per_file=7, **model)
     total = first.rows_ok + first.rows_error
+    assert sum(c.images for c in poison_model.read_calls(calls)) == first.rows_ok
     parts = sorted(out.glob("part-*.parquet"))
     kept = sum(pq.read_metadata(p).num_rows for p in parts[::2])
-    for lost in parts[1::2]:  # as if the run had died before committing these
-        lost.unlink()
-    again = pipeline.run(str(tar_shards), str(out), input_format="tar", resume=True)
+    lost = {r["path"]: r["status"] for p in parts[1::2] for r in pq.read_table(p).to_pylist()}
+    for part in parts[1::2]:  # as if the run had died before committing these
+        part.unlink()
+    calls.unlink()
+    again = pipeline.run(str(tar_shards), str(out), input_format="tar", resume=True, **model)
     paths = pq.read_table(out, columns=["path"]).column("path").to_pylist()
     assert len(paths) == total and not [p for p, n in Counter(paths).items() if n > 1]
     assert again.rows_resumed == kept and again.rows_ok + again.rows_error == total
+    assert sum(c.images for c in poison_model.read_calls(calls)) == ok_images(lost), (
+        "the resume computed other rows than the lost ones")
+
+
+@pytest.mark.slow
+def test_tar_run_killed_then_resumed_computes_only_the_rest(ray_local, tar_shards, tmp_path):
+    """The real ``batch-infer run`` over the shards is SIGKILLed once some rows are committed
+    (each model call sleeps 0.3 s; 4 rows per call and per part file); --resume then gives
+    every row exactly once, and the model sees only the images of the rows not committed.
+    Rules out a resume that recomputes every row and relies on the writer to drop those
+    already written, and one that loses the rows of a half-read shard."""
+    out, calls = tmp_path / "out", tmp_path / "calls"
+    options = poison_model.write_options(tmp_path / "model.json", calls=str(calls), delay=0.3)
+    driver = Driver(["run", "--input", tar_shards, "--output", out, "--input-format", "tar",
+                     "--model-fn", "poison_model:build", "--model", options, "--batch-size", 4,
+                     "--rows-per-file", 4, "--actors", 1, "--no-progress"], tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while len(committed(out)) < 8:
+            assert driver.proc.poll() is None, (
+                f"the run ended before it could be killed: {driver.proc.stderr.read()[-2000:]}")
+            assert time.monotonic() < deadline, "timed out waiting for 8 committed rows"
+            time.sleep(0.05)
+    finally:
+        driver.kill()
+    before = committed(out)
+    calls.unlink()
+
+    again = pipeline.run(str(tar_shards), str(out), input_format="tar", resume=True,
+                         model_fn="poison_model:build", model=options)
+    rows = committed(out)
+    assert 8 <= len(before) < len(rows) == 42  # 38 ok, 4 error (see test_tar_shards_through...)
+    assert (again.rows_ok, again.rows_error, again.rows_resumed) == (38, 4, len(before))
+    assert {p: s for p, s in rows.items() if p in before} == before
+    assert sum(c.images for c in poison_model.read_calls(calls)) == 38 - ok_images(before), (
+        "the resume computed rows that were already committed")
 
 
 def test_parquet_files_through_the_cli(ray_local, sample_dir, tmp_path, capsys):
