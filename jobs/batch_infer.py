@@ -16,10 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pipeline  # noqa: E402
-from pipeline.cli import (  # noqa: E402
-    RUN_ERRORS, USER_ERRORS, add_run_arguments, config_from_args, print_summary,
-)
-from pipeline.runner import run_config  # noqa: E402
+from pipeline import console  # noqa: E402
+from pipeline.cli import RUN_ERRORS, USER_ERRORS, add_run_arguments, config_from_args  # noqa: E402
 
 
 def main() -> int:
@@ -28,7 +26,7 @@ def main() -> int:
     args = parser.parse_args()
     print(f"batch_infer job: pipeline package at {os.path.dirname(pipeline.__file__)}", flush=True)
     try:
-        print_summary(run_config(config_from_args(args)))
+        console.run(config_from_args(args), verbose=getattr(args, "verbose", False))
     except USER_ERRORS as e:
         print(f"batch_infer job: error: {e}", file=sys.stderr)
         return 2

@@ -79,8 +79,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per Parquet part file (default: 10000)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images larger than this (decompression bombs; default: {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show Ray's own log lines and the pipeline's INFO logs (default: "
+                   "Ray's lines go to a file in its session directory, named in the output)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
-                   help="no progress bars (default: shown when stderr is a terminal)")
+                   help="no live status line (default: one, updated in place on a terminal and "
+                   "printed every 10 s into a log)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -96,41 +100,25 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def print_summary(summary) -> None:
-    total = summary.rows_ok + summary.rows_error
-    print(f"rows: {total} ({summary.rows_ok} ok, {summary.rows_error} error"
-          + (f", {summary.rows_resumed} from an earlier run" if summary.rows_resumed else "") + ")")
-    for reason, n in summary.skipped.items():
-        print(f"skipped: {n} files ({reason})")
-    print(f"time: {summary.seconds:.1f}s, {summary.images_per_second:.0f} images/s"
-          + (f", first result after {summary.first_result_seconds:.1f}s"
-             if summary.first_result_seconds is not None else ""))
-    if summary.stage_ms_per_image:
-        stages = ", ".join(f"{k} {v:.3f}" for k, v in summary.stage_ms_per_image.items())
-        print(f"ms per image: {stages}")
-    print(f"model: {summary.model}")
-    print(f"output: {summary.output}")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.runner import run_config
+    from pipeline import console
 
-    print_summary(run_config(config_from_args(args)))
+    console.run(config_from_args(args), verbose=args.verbose)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
+    from pipeline import console
     from pipeline.digits import write_samples
-    from pipeline.runner import run
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="batch-infer-demo-"))
     images, output = work / "images", work / "predictions"
     write_samples(images, args.count)
     print(f"wrote {args.count} sample digit images to {images}")
-    summary = run(str(images), str(output), overwrite=True, actors=args.actors)
-    print_summary(summary)
+    cfg = RunConfig(input=str(images), output=str(output), overwrite=True, actors=args.actors)
+    console.run(cfg, verbose=args.verbose)
     table = pq.read_table(output, columns=["path", "status", "label_name"])
     rows = table.to_pylist()
     right = sum(r["status"] == "ok" and Path(r["path"]).parent.name == r["label_name"] for r in rows)

@@ -44,7 +44,7 @@ class RunConfig:
     input_list: bool = False  # input is a file listing the inputs (.txt, .csv, .parquet)
     image_column: str = "image"  # parquet: the encoded-image column
     id_column: str = "id"  # parquet: the unique id column; row path = <file>/<id>
-    progress: bool | None = None  # None: progress bars when stderr is a terminal
+    progress: bool | None = None  # False: no status line (batch-infer run, the Ray Job)
 
     @property
     def actor_platform(self) -> str:

@@ -47,6 +47,7 @@ class CrashGuard:
             reborn = bool(ctx.was_current_actor_reconstructed)
         self.key = f"{run_id}/{ctx.get_actor_id()}"
         self.recording = reborn
+        self.isolated = False  # the last block ran one image at a time
         # What the previous incarnation was running when it died (None: nothing recorded).
         self.last = _get(self.key) if reborn else None
         if self.last and self.last.get("device"):
@@ -58,11 +59,13 @@ class CrashGuard:
 
     def run(self, executor, images: np.ndarray, paths) -> tuple[dict, list[str | None]]:
         """``executor.run_isolating(images)``, surviving images that kill the process."""
+        self.isolated = False
         if not self.recording:
             return executor.run_isolating(images)
         block = _digest(paths)
         if self.last is not None and self.last.get("block") == block:
             last, self.last = self.last, None
+            self.isolated = True
             return self._one_at_a_time(executor, images, block, last)
         _put(self.key, {"block": block, "row": None, "strikes": {}})
         return executor.run_isolating(images)

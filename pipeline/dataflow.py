@@ -167,13 +167,24 @@ def _actor_resources(plan: Plan, env: dict[str, Any] | None) -> dict[str, Any]:
     return resources
 
 
-def ensure_ray(address: str | None) -> None:
+def session_dir() -> str | None:
+    """This process's Ray session directory (where Ray keeps its logs), if it has one."""
+    try:
+        return ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:  # a client connection, or a Ray without the attribute
+        return None
+
+
+def ensure_ray(address: str | None, quiet: bool = False) -> None:
+    """Join ``address`` (or RAY_ADDRESS), or start a local Ray, unless Ray is up already.
+    ``quiet``: workers' output stays in their log files instead of this process's terminal."""
     if ray.is_initialized():
         return
+    options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": not quiet}
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, **options)
     else:
         # A Ray we start for one local run serves only this machine: keep it on loopback.
         # address="local": without it, ray.init() joins any `ray start` head on this machine.
-        ray.init(address="local", _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+        ray.init(address="local", _node_ip_address="127.0.0.1", **options)
 

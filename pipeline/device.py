@@ -336,6 +336,9 @@ class Executor:
         """Find the images of ``images[lo:hi]`` whose calls fail: unit-sized pieces, then
         halves, each padded to the unit shape (no recompile)."""
         pending = [(s, min(hi, s + self.unit)) for s in range(lo, hi, self.unit)][::-1]
+        if len(pending) == 1 and hi - lo > 1:  # the failing call was this piece: halve it
+            mid = (lo + hi) // 2
+            pending = [(mid, hi), (lo, mid)]
         while pending:
             a, b = pending.pop()
             try:

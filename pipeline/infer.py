@@ -89,6 +89,7 @@ class Predictor:
             self.writer = PartWriter(output, schema, rows_per_file)
         self.where = {**_node(), "pid": os.getpid(), "device": self.executor.describe()}
         self.device_lock = threading.Lock()  # two calls in flight share one device
+        self._isolated = False
         log.info(
             "Predictor pid %d: model %s on %s, compiled in %.2fs (ready in %.2fs)",
             os.getpid(), self.fingerprint, self.executor.describe(),
@@ -98,6 +99,7 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """A decoded block -> its part records (in a run), or its result columns."""
         result = self.predict(batch)
+        isolated = result.pop("_isolated")
         if self.writer is None:
             return result
         start = time.perf_counter()
@@ -110,6 +112,10 @@ class Predictor:
             out[f"t_{stage}"] = np.array([total] + [0.0] * (len(records) - 1))
         for key, value in self.where.items():
             out[key] = np.asarray([value] * len(records))
+        # For the driver's messages: this actor's process is a replacement, or this block
+        # killed one (and ran one image at a time).
+        out["restarted"] = np.full(len(records), bool(self.guard and self.guard.recording))
+        out["isolated"] = np.full(len(records), isolated)
         return out
 
     def predict(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -126,6 +132,7 @@ class Predictor:
             before = dict(self.executor.seconds)
             outputs, model_errors = self._run(images[rows], batch["path"][rows])
             spent = {k: v - before[k] for k, v in self.executor.seconds.items()}
+            isolated = self._isolated
         spent["infer"] = time.perf_counter() - start
         for i, err in zip(good, model_errors):
             if err is not None and errors[i] is None:
@@ -138,14 +145,18 @@ class Predictor:
         result["_t_decode"] = batch["_t_decode"]
         for stage, seconds in spent.items():  # spread the block's time over its rows
             result[f"_t_{stage}"] = np.full(len(images), seconds / max(len(images), 1))
+        result["_isolated"] = isolated
         return result
 
     def _run(self, images: np.ndarray, paths: np.ndarray):
+        self._isolated = False
         if not len(images):
             return self.executor.zeros(0), []
         try:
             if self.guard is not None:
-                return self.guard.run(self.executor, images, paths)
+                result = self.guard.run(self.executor, images, paths)
+                self._isolated = self.guard.isolated
+                return result
             return self.executor.run_isolating(images)
         except device.DeviceFailure as e:
             if self.guard is None:

@@ -13,7 +13,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -86,12 +85,29 @@ def run(input: str, output: str, **options: Any) -> Summary:
     return run_config(RunConfig(input=str(input), output=str(output), **options))
 
 
-def run_config(
-    cfg: RunConfig, on_progress: Callable[[Progress], None] | None = None,
-    on_plan: Callable[[Any], None] | None = None,
-) -> Summary:
-    """Run ``cfg``; ``on_plan`` is called with the plan before work starts, ``on_progress``
-    after each committed part."""
+class Observer:
+    """What a front end (the CLI, the Ray Job) hears of a run; every method may be left as is.
+    ``started`` gets what will run (inputs, model, the plan) once it is decided, ``progress``
+    follows each committed part, ``event`` says what the user should know, in words."""
+
+    quiet = False  # True: a Ray started for the run keeps its workers' output in log files
+
+    def ray_starting(self) -> None:
+        pass
+
+    def started(self, info: dict[str, Any]) -> None:
+        pass
+
+    def progress(self, progress: Progress) -> None:
+        pass
+
+    def event(self, message: str) -> None:
+        pass
+
+
+def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
+    """Run ``cfg``, telling ``observer`` how it goes."""
+    observer = observer or Observer()
     start = time.perf_counter()
     summary = Summary(output=cfg.output, model="", input=cfg.input,
                       started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -125,7 +141,8 @@ def run_config(
 
     from pipeline import dataflow, plan as planning  # import Ray only when there is work
 
-    dataflow.ensure_ray(cfg.address)
+    observer.ray_starting()
+    dataflow.ensure_ray(cfg.address, quiet=observer.quiet)
     cluster = planning.Cluster.from_ray()
     plan = planning.make_plan(
         cfg, cluster, units=listing.count, image_bytes=int(np.prod(model.spec.shape)),
@@ -135,21 +152,27 @@ def run_config(
     summary.plan = plan.to_json()
     summary.nodes = [{"node_id": n.node_id, "node_ip": n.ip, "cpus": n.cpus, "gpus": n.gpus,
                       "memory_gb": round(n.memory / 1e9, 1)} for n in cluster.nodes]
-    if on_plan is not None:
-        on_plan(plan)
     expected = None if source.sharded else listing.count - summary.rows_resumed
+    observer.started({
+        "input": cfg.input, "inputs": listing.count, "format": cfg.input_format,
+        "skipped": listing.skipped, "resumed": summary.rows_resumed, "expected": expected,
+        "model": fingerprint, "model_name": model.name,
+        "model_shape": "x".join(map(str, model.spec.shape)) + f", {model.spec.output_dim} "
+                       + ("classes" if model.spec.output == "classification" else "dims"),
+        "plan": summary.plan, "output": cfg.output, "session_dir": dataflow.session_dir(),
+    })
     run_id = uuid.uuid4().hex  # names what the actors' crash guards record in the GCS
-    tally, stats = Tally(), _Stats(start)
+    tally, stats, watch = Tally(), _Stats(start), _Watch(observer, cluster)
     try:
         if expected != 0:
             records = dataflow.execute(cfg, plan, listing, committed, model.spec, source,
                                        fingerprint, run_id)
             for batch in records:
                 stats.add(batch, tally)
+                watch.records(batch)
                 if summary.first_result_seconds is None:
                     summary.first_result_seconds = time.perf_counter() - start
-                if on_progress is not None:
-                    on_progress(Progress(stats.rows, expected, tally.error, stats.elapsed()))
+                observer.progress(Progress(stats.rows, expected, tally.error, stats.elapsed()))
     except Exception as e:
         if not committed and not out.parts():  # nothing to resume: leave no trace
             out.clear()
@@ -223,6 +246,50 @@ class _Stats:
         step = max(1, len(self.timeline) // TIMELINE_POINTS)
         summary.timeline = self.timeline[::step] + ([self.timeline[-1]] if step > 1 else [])
         summary.timeline.append([round(summary.seconds, 3), self.rows])
+
+
+class _Watch:
+    """Turns what the records and the cluster show into events for the user, once each."""
+
+    NODE_CHECK_SECONDS = 5.0
+
+    def __init__(self, observer: Observer, cluster):
+        self.observer = observer
+        self.alive = {n.node_id: n.ip for n in cluster.nodes}
+        self.checked = time.monotonic()
+        self.seen: set[tuple[str, int]] = set()
+
+    def records(self, batch: dict[str, np.ndarray]) -> None:
+        for i in range(len(batch["part"])):
+            actor = (str(batch["node_id"][i]), int(batch["pid"][i]))
+            if actor not in self.seen:
+                self.seen.add(actor)
+                if bool(batch["restarted"][i]):
+                    self.observer.event(
+                        f"an inference actor's process on node {batch['node_ip'][i]} died and "
+                        "was replaced; Ray retried the blocks it held (no row is lost or "
+                        "written twice)")
+            if bool(batch["isolated"][i]):
+                self.observer.event(
+                    f"a block killed an inference process; it was run again one image at a "
+                    f"time to find the image that does ({batch['rows'][i]} rows in "
+                    f"{batch['part'][i]})")
+        if time.monotonic() - self.checked > self.NODE_CHECK_SECONDS:
+            self.checked = time.monotonic()
+            self._nodes()
+
+    def _nodes(self) -> None:
+        import ray
+
+        now = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n["Alive"]}
+        for node, ip in self.alive.items():
+            if node not in now:
+                self.observer.event(f"node {ip} left the cluster; Ray redoes its work on the "
+                                    "nodes that remain")
+        for node, ip in now.items():
+            if node not in self.alive:
+                self.observer.event(f"node {ip} joined the cluster")
+        self.alive = now
 
 
 def _check_usable(out: OutputDir, cfg: RunConfig) -> None:
