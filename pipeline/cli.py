@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="working directory (default: a new temporary one)")
     p.add_argument("--count", type=int, default=200, help="sample images (default: 200)")
     p.add_argument("--actors", type=int, help="inference actors (default: one per node)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show Ray's own log lines")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train the digits CNN (first 1,500 sklearn digits)")
