@@ -189,8 +189,8 @@ def _loop(images: str, output: str) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline.decode import decode_image
-    from pipeline.model import load_model
     from pipeline.listing import list_images
+    from pipeline.model import load_model
 
     start = time.perf_counter()
     model = load_model()

@@ -21,8 +21,8 @@ from PIL import Image
 
 from pipeline import resize
 from pipeline.decode import decode_image
-from pipeline.model import INTERPOLATIONS, RESIZE_MODES, ModelSpec
 from pipeline.photos import photo
+from pipeline.spec import INTERPOLATIONS, RESIZE_MODES, ModelSpec
 
 SOURCES = ((480, 360), (360, 480), (640, 480), (1024, 768), (1280, 720), (333, 222),
            (2000, 1500), (1000, 1000), (1600, 400), (301, 1203), (719, 541))

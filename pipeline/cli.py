@@ -15,10 +15,11 @@ from pathlib import Path
 
 from pipeline.config import INPUT_FORMATS, PLATFORMS, ConfigError, RunConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS
-from pipeline.model import ModelError
-from pipeline.device import DeviceError, DeviceFailure
+from pipeline.device import DeviceFailure
 from pipeline.listing import InputError
+from pipeline.model import ModelError
 from pipeline.plan import PlanError
+from pipeline.platforms import DeviceError
 from pipeline.write import OutputError
 
 USER_ERRORS = (ConfigError, InputError, OutputError, ModelError, PlanError, DeviceError)

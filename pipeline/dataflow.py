@@ -24,7 +24,7 @@ from pipeline.infer import Predictor
 from pipeline.listing import ListingFile
 from pipeline.plan import Plan
 from pipeline.read import storage_env
-from pipeline.shards import Source
+from pipeline.source import Source
 from pipeline.write import OutputDir, part_range
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def _actor_resources(plan: Plan, env: dict[str, Any] | None) -> dict[str, Any]:
         if plan.actor_gpus < 1:  # several actors share a GPU: no 75% grab per process
             env_vars["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     # (No num_gpus at all on CPU: some Ray versions treat num_gpus=0 as a GPU request. The
-    # actor pins JAX to its platform itself, see pipeline.device.configure.)
+    # actor pins JAX to its platform itself, see pipeline.platforms.configure.)
     if env_vars:
         resources["runtime_env"] = {"env_vars": env_vars}
     return resources

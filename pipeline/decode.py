@@ -20,7 +20,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from pipeline import resize
-from pipeline.model import ModelSpec
+from pipeline.spec import ModelSpec
 
 # Refuse images whose header claims more pixels than this before decoding them: a 100 MP
 # photo is real, a 40000x40000 PNG of 50 KB is a decompression bomb.

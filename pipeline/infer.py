@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import device
+from pipeline import device, platforms
 from pipeline.crash_guard import CrashGuard
 from pipeline.model import ModelError, ModelSpec, load_model
 from pipeline.write import PartWriter, output_schema
@@ -56,11 +56,11 @@ class Predictor:
         rows_per_file: int = 10_000,
     ):
         start = time.perf_counter()
-        device.configure(platform)
+        platforms.configure(platform)
         try:
-            devices = device.select_devices(platform)
-        except device.DeviceError as e:
-            raise device.DeviceError(f"{_where()}: {e}; {_FIX.get(platform, _FIX['cpu'])}.") from e
+            devices = platforms.select_devices(platform)
+        except platforms.DeviceError as e:
+            raise platforms.DeviceError(f"{_where()}: {e}; {_FIX.get(platform, _FIX['cpu'])}.") from e
         self.model = load_model(model_path, model_fn)
         self.spec: ModelSpec = self.model.spec
         self.fingerprint = fingerprint or self.model.fingerprint

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pipeline.model import INTERPOLATIONS, ModelSpec
+from pipeline.spec import INTERPOLATIONS, ModelSpec
 
 FILTERS = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
 

@@ -44,8 +44,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.model import ModelSpec
 from pipeline.read import filesystem, is_uri
+from pipeline.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from driver import Driver, can_drop_root_file_access
 from PIL import Image
 
 import pipeline
-from pipeline import digits, shards
+from pipeline import digits, source
 from pipeline.decode import DecodeError, decode_image
 from pipeline.listing import list_images
 from pipeline.model import load_model
@@ -281,7 +281,7 @@ def test_file_vanishing_between_listing_and_reading(ray_local, tmp_path, monkeyp
         (src / f"{i}.png").write_bytes(png)
     victims = [src / "2.png", src / "4.png"]
 
-    real_list = shards.Source.list
+    real_list = source.Source.list
 
     def list_then_lose_files(self, where: str, into: str):
         listing = real_list(self, where, into)  # the real listing, then the files go away
@@ -289,7 +289,7 @@ def test_file_vanishing_between_listing_and_reading(ray_local, tmp_path, monkeyp
             path.unlink()
         return listing
 
-    monkeypatch.setattr(shards.Source, "list", list_then_lose_files)  # what the run lists with
+    monkeypatch.setattr(source.Source, "list", list_then_lose_files)  # what the run lists with
     summary = pipeline.run(str(src), str(tmp_path / "out"), progress=False)
     rows = {r["path"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     assert len(rows) == 6 and (summary.rows_ok, summary.rows_error) == (4, 2)

@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline import dataflow
 from pipeline.listing import ListingFile
 from pipeline.model import load_model
-from pipeline.shards import Source
+from pipeline.source import Source
 from pipeline.write import part_name
 
 

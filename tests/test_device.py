@@ -23,9 +23,10 @@ import pytest
 from conftest import COMPILES, digit_images
 
 import pipeline
-from pipeline.device import DeviceError, DeviceFailure, Executor
+from pipeline.device import DeviceFailure, Executor
 from pipeline.digits import write_samples
 from pipeline.model import Model, ModelError, ModelSpec, keeps_float32, load_model
+from pipeline.platforms import DeviceError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,15 @@ import pytest
 
 from pipeline.config import RunConfig
 from pipeline.plan import (
-    BLOCK_BYTES, BLOCKS_PER_TASK, MAX_ROWS_PER_BLOCK, Cluster, Node, PlanError, make_plan,
-    rows_per_block, units_per_task,
+    BLOCK_BYTES,
+    BLOCKS_PER_TASK,
+    MAX_ROWS_PER_BLOCK,
+    Cluster,
+    Node,
+    PlanError,
+    make_plan,
+    rows_per_block,
+    units_per_task,
 )
 
 DIGIT = 32 * 32  # decoded bytes of one bundled-model input

@@ -25,11 +25,11 @@ import pytest
 from driver import Driver
 
 import pipeline
-from pipeline import runner
+from pipeline import manifest
 from pipeline.config import RunConfig
 from pipeline.digits import write_samples
 from pipeline.model import load_model
-from pipeline.shards import Source
+from pipeline.source import Source
 from pipeline.write import OutputDir, OutputError
 
 IMAGES = 200
@@ -175,7 +175,7 @@ def test_resume_refusal_through_the_cli(tmp_path):
     bundled = load_model()
     source = Source.of(cfg)
     listing = source.list(cfg.input, cfg.output)
-    runner._prepare(OutputDir(str(out)), cfg, listing, bundled, source)  # as a run begins
+    manifest.prepare(OutputDir(str(out)), cfg, listing, bundled, source)  # as a run begins
     options = poison_model.write_options(tmp_path / "model.json")
     driver = Driver(["run", "--input", src, "--output", out, "--resume",
                      "--model-fn", "poison_model:build", "--model", options], tmp_path)

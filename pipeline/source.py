@@ -1,0 +1,178 @@
+"""Input sources: what the units of a run are (image files, tar shards, Parquet files of
+image bytes), how they are listed, and how a decode task turns its slice of the listing into
+decoded blocks. The shard formats themselves are read by :mod:`pipeline.shards`."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.decode import decode_payloads, decode_rows
+from pipeline.listing import Entry, InputError, ListingFile, Walk, listed_paths
+from pipeline.read import fetch_all, filesystem, is_image_name, load_bytes
+from pipeline.shards import (
+    Payload,
+    ShardError,
+    is_parquet_name,
+    is_tar_name,
+    parquet_rows,
+    tar_rows,
+)
+from pipeline.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    """How the input is listed and expanded into rows (``RunConfig.input_format`` and co)."""
+
+    format: str = "images"
+    image_column: str = "image"
+    id_column: str = "id"
+    input_list: bool = False  # the input is a file listing the units (see pipeline.listing)
+
+    @classmethod
+    def of(cls, cfg) -> Source:
+        return cls(cfg.input_format, cfg.image_column, cfg.id_column, cfg.input_list)
+
+    @property
+    def sharded(self) -> bool:
+        return self.format != "images"
+
+    def describe(self) -> dict[str, str]:
+        """What decides the row ids: recorded in the manifest, checked on --resume."""
+        if self.format == "parquet":
+            columns = {"image_column": self.image_column, "id_column": self.id_column}
+            return {"format": self.format, **columns}
+        return {"format": self.format}
+
+    def list(self, src: str, into: str) -> ListingFile:
+        """List the units under ``src`` (image files, or shard files of this format) into a
+        temporary listing file in directory ``into``; InputError when there are none."""
+        if self.input_list:
+            listing = ListingFile.write(into, self._checked(listed_paths(src)))
+            if not listing.count:
+                raise InputError(f"Listing file '{src}' lists no inputs.")
+            return listing
+        accept, a_kind, kinds = {
+            "images": (is_image_name, "an image", "images"),
+            "tar": (is_tar_name, "a tar shard", "tar shards"),
+            "parquet": (is_parquet_name, "a Parquet", "Parquet files"),
+        }[self.format]
+        walk = Walk(src, accept, a_kind, kinds)
+        listing = ListingFile.write(into, self._checked(walk))
+        try:
+            return listing.with_skipped(walk.skipped_or_fail())
+        except InputError:
+            listing.discard()
+            raise
+
+    def _checked(self, entries: Iterable[Entry]) -> Iterator[Entry]:
+        entries = iter(entries)
+        first = next(entries, None)
+        if first is None:
+            return
+        if self.format == "parquet":
+            self._check_columns(first[0])
+        yield first
+        yield from entries
+
+    def decode(
+        self, listing: pa.Table, units: np.ndarray, done: AbstractSet[str], spec: ModelSpec,
+        max_pixels: int, rows_per_block: int,
+    ) -> Iterator[dict]:
+        """Decode one task's slice of the listing (columns path, size; ``units``: each row's
+        listing index), skipping rows already ``done``: yields blocks of at most
+        ``rows_per_block`` rows (``decode_payloads`` columns plus ``_unit``), each as soon as
+        it is decoded."""
+        paths = listing.column("path").to_pylist()
+        sizes = listing.column("size").to_pylist()
+        if not self.sharded:
+            keep = [i for i, p in enumerate(paths) if p not in done]
+            paths, sizes, units = [paths[i] for i in keep], [sizes[i] for i in keep], units[keep]
+            # Reads run ahead in threads across blocks; a known size saves a HEAD request.
+            fetched = (payload for _, payload in fetch_all(paths, sizes))
+            for i in range(0, len(paths), rows_per_block):
+                block = paths[i : i + rows_per_block]
+                out = decode_payloads(block, itertools.islice(fetched, len(block)), spec,
+                                      max_pixels)
+                out["_unit"] = units[i : i + rows_per_block]
+                yield out
+            return
+        for shard, size, unit in zip(paths, sizes, units):
+            rows = self._expand(shard, size)
+            for out in _decode_chunks(rows, done, spec, max_pixels, rows_per_block):
+                out["_unit"] = np.full(len(out["path"]), unit, np.int64)
+                yield out
+
+    def _expand(self, shard: str, size: int | None) -> Iterator[tuple[str, Payload]]:
+        try:
+            data = load_bytes(shard, size)
+        except Exception as e:  # an unreadable shard is one error row, like an unreadable file
+            yield shard, ShardError(f"shard unreadable: {type(e).__name__}: {e}")
+            return
+        rows = tar_rows(shard, data) if self.format == "tar" else parquet_rows(
+            shard, data, self.image_column, self.id_column)
+        empty = True
+        for row in rows:
+            empty = False
+            yield row
+        if empty:  # every shard accounts for itself with at least one row
+            yield shard, ShardError(f"{self.format} shard holds no images")
+
+    def _check_columns(self, path: str) -> None:
+        # Fail before any work on a misnamed column: one footer read, the first file only (a
+        # later file without the column is an error row for that file).
+        import pyarrow.parquet as pq
+
+        fs, inner = filesystem(path)
+        try:
+            with fs.open_input_file(inner) as f:
+                names = pq.read_schema(f).names
+        except Exception as e:  # an unreadable first file is that file's error row, later
+            log.warning("Cannot read the schema of '%s': %s", path, e)
+            return
+        missing = [c for c in (self.image_column, self.id_column) if c not in names]
+        if missing:
+            raise InputError(
+                f"Parquet file '{path}' has no column {' or '.join(map(repr, missing))} (it has "
+                f"{', '.join(names)}); name them with --image-column and --id-column."
+            )
+
+
+
+def _decode_chunks(
+    rows: Iterator[tuple[str, Payload]], done: set[str], spec: ModelSpec, max_pixels: int,
+    rows_per_block: int,
+) -> Iterator[dict]:
+    chunk: dict[str, Payload] = {}
+    start = time.perf_counter()
+    for path, payload in rows:
+        if path in done or path in chunk:
+            continue
+        chunk[path] = payload
+        if len(chunk) == rows_per_block:
+            yield _decode_chunk(chunk, time.perf_counter() - start, spec, max_pixels)
+            chunk, start = {}, time.perf_counter()
+    if chunk:
+        yield _decode_chunk(chunk, time.perf_counter() - start, spec, max_pixels)
+
+
+def _decode_chunk(chunk: dict[str, Payload], read_seconds: float, spec, max_pixels) -> dict:
+    def load(path: str) -> bytes:
+        payload = chunk[path]
+        if isinstance(payload, BaseException):
+            raise payload
+        return payload
+
+    out = decode_rows(list(chunk), load, spec, max_pixels)
+    out["_t_decode"] += read_seconds / len(chunk)  # reading the shard, spread over its rows
+    return out
