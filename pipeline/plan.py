@@ -278,10 +278,12 @@ def _autoscaler_ceiling() -> tuple[float | None, float | None]:
     """(CPUs, GPUs) the autoscaler may grow the cluster to (inf: unbounded or unknown), or
     (None, None) when the cluster has no autoscaler.
 
-    Autoscaler v2 (KubeRay, ``ray up`` with ``RAY_UP_enable_autoscaler_v2=1``) publishes its
-    node groups in the GCS, with their maximum counts. The older one (v1) publishes only a
-    status, whose node types are the config's names where there is a config (a head started
-    without one names each node ``node_<id>``): an autoscaler, ceiling unknown.
+    Where the GCS holds the cluster's node groups with their maximum counts (the
+    ``ClusterConfig`` Ray Data reads too), they give the ceiling. Ray 2.60's own autoscalers
+    do not publish it: v1 publishes a status, whose node types are the config's names where
+    there is a config (a head started without one names each node ``node_<id>``), so it counts
+    as an autoscaler with an unknown ceiling; v2 publishes neither (cluster.yaml runs v1 on
+    purpose), and a v2 cluster is planned for the nodes it has.
     """
     try:
         import ray._private.state
