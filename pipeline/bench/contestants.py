@@ -70,11 +70,14 @@ def start_ray() -> tuple[float, float]:
 
     import ray
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # a line per dataset otherwise
+    from pipeline.bench.gpu import spawning
+
     start = time.perf_counter()
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-             logging_level="ERROR")
+    with spawning():
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # else two lines per dataset
     init = time.perf_counter() - start
     start = time.perf_counter()
     pool = ray.data.ActorPoolStrategy(size=1)
