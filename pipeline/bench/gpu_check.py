@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import limits as limits_
+from pipeline.bench.limits import fraction, limits
 from pipeline.bench import prepare, section
 from pipeline.bench.gpu import spawning
 from pipeline.bench.report import format_report
@@ -65,7 +65,7 @@ def gpu_check(*, quick: bool = False, work: str | None = None, model_fn: str | N
             env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, setup=setup.to_json(),
             inputs=inputs, count=sizes["model_images"], repeats=sizes["repeats"])
     plan = result["plan"]
-    result["limits"] = limits_.limits(
+    result["limits"] = limits(
         cores=cores(), decode_ms=result["decode"]["ms_per_image"],
         model_ms=result["model_cost"]["ms_per_image"], gpus=setup.gpus,
         decode_cores=cores() - plan["actors"] * plan["actor_cpus"] if setup.gpus else None)
@@ -86,7 +86,7 @@ def pipeline_run(setup, images: Path, root: Path, result: dict) -> dict:
     bare = result["model_cost"]["images_per_second"] * max(1, setup.gpus)
     return {**run, "images_per_second": per_second, "bare_model_images_per_second": bare,
             "ratio_vs_bare_model": per_second / bare,
-            "fraction_of_limit": limits_.fraction(per_second, result["limits"])}
+            "fraction_of_limit": fraction(per_second, result["limits"])}
 
 
 def gpu_tests(timeout: float = PYTEST_TIMEOUT) -> dict[str, Any]:
