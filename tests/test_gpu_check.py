@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,6 +34,29 @@ def test_in_child_returns_what_the_function_returns():
                         model_ms=1.07) == here
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         gpu.in_child("pipeline.bench.limits:limits", cores=0, decode_ms=0, model_ms=0)
+
+
+def test_sections_run_in_a_child_on_one_gpu_when_the_setup_computes_on_a_gpu(
+        tmp_path, monkeypatch):
+    """A setup that computes on a GPU runs its measurements in a child process that sees one
+    GPU (here JAX finds none and computes on the CPU: the child's plumbing is what is
+    tested), and their JSON comes back whole."""
+    from pipeline.bench import section
+    from pipeline.bench.model_cost import save_inputs
+    from pipeline.bench.workload import Setup
+    from conftest import digit_images
+
+    setup = Setup(platform="gpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    assert section(setup, "os:getenv", key="CUDA_VISIBLE_DEVICES") == "3"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert section(setup, "os:getenv", key="CUDA_VISIBLE_DEVICES") == "0"
+    assert section(Setup(), "os:getpid") == os.getpid()  # a CPU setup: here
+    images, _ = digit_images(40)
+    result = section(setup, "pipeline.bench.model_cost:device_section", setup=setup.to_json(),
+                     inputs=save_inputs(images, tmp_path), count=64, repeats=1,
+                     with_precision=False)
+    assert result["model_cost"]["device_batch"] == 32 and result["model_cost"]["images"] == 128
 
 
 def test_gpu_check_quick_without_a_gpu(ray_local, tmp_path, capsys):

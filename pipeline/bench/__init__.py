@@ -24,6 +24,7 @@ The machines this runs on are shared and noisy: read the ratios, not the absolut
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,10 @@ def section(setup: Setup, target: str, /, env: dict[str, str] | None = None, **k
     if setup.on_gpu:
         from pipeline.bench.gpu import in_child
 
+        # One GPU, as each of the pipeline's actors has (Ray sets CUDA_VISIBLE_DEVICES for
+        # it): the costs are per GPU, and a Predictor would otherwise shard over them all.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES") or "0"
+        env = {"CUDA_VISIBLE_DEVICES": visible.split(",")[0], **(env or {})}
         return in_child(target, env=env, **kwargs)
     import importlib
 
