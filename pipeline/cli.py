@@ -1,4 +1,4 @@
-"""``batch-infer``: run, report, demo, train, sample-data, bench.
+"""``batch-infer``: run, report, demo, train, sample-data, bench, gpu-check.
 
 Every flag of ``run`` maps to one :class:`pipeline.config.RunConfig` field; the Ray Job
 entrypoint (``jobs/batch_infer.py``) reuses :func:`add_run_arguments` so the two never drift.
@@ -153,12 +153,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = bench(images=args.images, repeats=args.repeats, seed_images=args.seed_images,
                    work=args.work, end_to_end_run=not args.no_end_to_end,
-                   model_images=args.model_images, memory_factor=args.memory_factor)
+                   model_images=args.model_images, memory_factor=args.memory_factor,
+                   model_fn=args.model_fn, model=args.model, workload=args.workload,
+                   image_size=args.image_size, sweep=args.sweep, precision=not args.no_bf16)
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"JSON written to {args.json}")
     return 0
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from pipeline.bench.gpu_check import format_check, gpu_check
+
+    result = gpu_check(quick=args.quick, work=args.work, model_fn=args.model_fn,
+                       model=args.model, photos=args.photos)
+    print(format_check(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"JSON written to {args.json}")
+    return 0 if result["ok"] else 1
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or not int(width) or not int(height):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 480x360, got {text!r}")
+    return int(width), int(height)
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(s < 32 or s % 32 for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"expected device batches that are multiples of 32, such as 32,64,128, got {text!r}")
+    return sizes
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -205,26 +237,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("bench", help="seed before/after table; end to end vs a plain loop and Ray's recipe",
-                       description="Measure, in one run on the same images: the seed's per-image op-by-op "
-                       "path vs batched compiled execution; the model stage bare vs inside a Ray actor; "
-                       "then images/s of a plain Python loop, Ray Data's documented recipe and this "
-                       "pipeline. Reports medians and ratios. Ray start-up (ray.init, and Ray Data's "
-                       "per-cluster actors that a cluster's first job starts) is timed apart.")
+    p = sub.add_parser("bench", help="seed table, model cost, end to end vs a plain loop and Ray's "
+                       "recipe, and the machine's limit",
+                       description="Measure, in one run, on the same model and images: the seed's "
+                       "per-image op-by-op path vs batched compiled execution (bundled CNN); the "
+                       "model alone (per device batch with --sweep; bfloat16 vs float32); the "
+                       "model stage bare vs inside a Ray actor; decode cost per core, and from "
+                       "both the most images/s this machine can do; then images/s of a plain "
+                       "Python loop, Ray Data's documented recipe and this pipeline, with the "
+                       "pipeline's fraction of that limit. Where JAX sees a GPU every part runs "
+                       "on it. Ray start-up (ray.init, and Ray Data's per-cluster actors that a "
+                       "cluster's first job starts) is timed apart.")
+    p.add_argument("--model-fn", metavar="MODULE:FUNCTION",
+                   help="model factory (default: the bundled digits CNN; "
+                   "pipeline.bench.photo_cnn:build is a 160x160 RGB CNN with random weights)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint for the model factory")
+    p.add_argument("--workload", choices=("digits", "photos"), default="digits",
+                   help="digits: 128x96 digit JPEGs (cheap to decode); photos: photo-like JPEGs, "
+                   "~30 KB at 480x360 (default: digits)")
+    p.add_argument("--image-size", type=_image_size, metavar="WxH",
+                   help="size of the workload's JPEGs (default: 128x96 digits, 480x360 photos)")
     p.add_argument("--images", type=int, default=20_000, help="JPEG images for end to end (default: 20000)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per contestant (default: 3)")
-    p.add_argument("--seed-images", type=int, default=256, help="images for the seed table (default: 256)")
+    p.add_argument("--seed-images", type=int, default=256,
+                   help="images for the seed table (default: 256; 0 skips it)")
     p.add_argument("--work", help="directory for images and outputs (reused between runs; default: temp)")
     p.add_argument("--no-end-to-end", action="store_true",
-                   help="skip the end-to-end comparison (seed table and model stage only)")
+                   help="skip the end-to-end comparison (the rest only)")
     p.add_argument("--model-images", type=int, default=16384,
-                   help="decoded images for the model stage, bare model vs in a Ray actor "
-                   "(default: 16384; 0 skips it)")
+                   help="decoded images for the model's cost and the model stage, bare model vs "
+                   "in a Ray actor (default: 16384; 0 skips the model stage)")
+    p.add_argument("--sweep", type=_batch_sizes, default=(), metavar="B1,B2,...",
+                   help="also measure the model per device batch, e.g. 32,64,128,256,512 "
+                   "(multiples of 32)")
+    p.add_argument("--no-bf16", action="store_true", help="skip bfloat16 vs float32")
     p.add_argument("--memory-factor", type=int, default=0, metavar="N",
                    help="also run the pipeline on N times --images and compare peak memory "
                    "(e.g. 10; default: off, it writes N x --images files)")
     p.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("gpu-check", help="check a GPU node end to end: devices, GPU tests, "
+                       "seed table, model stage, bf16, device-batch sweep, a pipeline run",
+                       description="Check this node in one command: the devices JAX sees, "
+                       "'pytest -m gpu', the seed table, the Predictor vs the bare model, "
+                       "bfloat16 vs float32, a device-batch sweep and a pipeline run on photo-like "
+                       "JPEGs against the bare model and the machine's limit. Prints a report and "
+                       "writes it as JSON with --json. Without a GPU it runs the same on the CPU, "
+                       "labelled 'no GPU'. Exit 1 when a check failed.")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes (a minute on a laptop CPU): checks that it all works")
+    p.add_argument("--photos", type=int, metavar="N",
+                   help="photos for the pipeline run (default: 4000; 64 with --quick)")
+    p.add_argument("--model-fn", metavar="MODULE:FUNCTION",
+                   help="model factory (default: the bundled digits CNN)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint for the model factory")
+    p.add_argument("--work", help="directory for images and outputs (default: temp)")
+    p.set_defaults(func=cmd_gpu_check)
 
     p = sub.add_parser("report", help="print the run report of an output directory",
                        description="Print what a finished run did, from OUT/_summary.json: key "
