@@ -90,6 +90,7 @@ class Predictor:
         self.where = {**_node(), "pid": os.getpid(), "device": self.executor.describe()}
         self.device_lock = threading.Lock()  # two calls in flight share one device
         self._isolated = False
+        self._gave_up: device.DeviceFailure | None = None
         log.info(
             "Predictor pid %d: model %s on %s, compiled in %.2fs (ready in %.2fs)",
             os.getpid(), self.fingerprint, self.executor.describe(),
@@ -150,6 +151,8 @@ class Predictor:
 
     def _run(self, images: np.ndarray, paths: np.ndarray):
         self._isolated = False
+        if self._gave_up is not None:  # the run is stopping: every call says why, once more
+            raise self._gave_up
         if not len(images):
             return self.executor.zeros(0), []
         try:
@@ -163,10 +166,11 @@ class Predictor:
                 raise
             failures = self.guard.device_failed()
             if failures >= MAX_DEVICE_FAILURES:
-                raise device.DeviceFailure(
+                self._gave_up = device.DeviceFailure(
                     f"{_where()}: the device failed {failures} times in this actor, each time "
                     f"in a fresh process; giving up: {e}"
-                ) from e
+                )
+                raise self._gave_up from e
             log.error("%s: %s; exiting so that Ray replaces this actor", _where(), e)
             logging.shutdown()
             os._exit(DEVICE_FAILURE_EXIT)  # Ray restarts the actor and retries its blocks
