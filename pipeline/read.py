@@ -133,11 +133,14 @@ def _load_local(path: str) -> bytes:
 # 2-core machine): 12.6 images/s with 1 thread, 50 with 4, 87-91 with 8 to 48, where moto
 # itself was the limit (~120-135 images/s at 0 ms added).
 DEFAULT_FETCH_THREADS = 24
-# Local files: from the page cache a read takes ~16 us of CPU, and a thread pool adds ~10 us
-# per file (~1% of a decode); from the disk (pages dropped with POSIX_FADV_DONTNEED) 1,000
-# 27 KB files read at 187 us each serially, 85 us with 8 threads, 97 with 32 (this machine's
-# virtio disk). A network mount (NFS, a FUSE view of a bucket) has an object store's latency.
-LOCAL_FETCH_THREADS = 8
+# Local files are read in the decode loop itself. From the page cache a read takes ~16 us of
+# CPU, and in a decode task (whose main thread decodes while the pool's threads want the GIL
+# back) a pool of 8 cost far more than it saved: 0.07 -> 0.16-0.20 ms per tiny PNG, and
+# 0.1-0.35 ms more CPU per 480x360 photo (4,096 files, warm cache, this 2-core machine). From
+# the disk (pages dropped) 1,000 27 KB files read at 187 us each serially, 85 us with 8
+# threads; a run over files read once pays that, a re-run does not. Network mounts (NFS, a
+# FUSE view of a bucket) have an object store's latency: list them by URI where you can.
+LOCAL_FETCH_THREADS = 1
 
 
 def fetch_all(

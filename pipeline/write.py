@@ -242,7 +242,10 @@ class OutputDir:
         leave anything else."""
         for e in self.entries():
             if e.base_name.startswith((PART_PREFIX, TEMPORARY)) or e.base_name in OURS:
-                self.fs.delete_file(e.path)
+                try:
+                    self.fs.delete_file(e.path)
+                except FileNotFoundError:  # gone meanwhile: what we wanted
+                    pass
 
     def remove_temporaries(self, keep: tuple[str, ...] = ()) -> None:
         """Delete ``_tmp-*`` files: what a killed writer was writing when it died."""
@@ -296,19 +299,26 @@ class OutputDir:
         return total
 
     def _atomic_write(self, name: str, data: bytes) -> None:
+        self._atomically(name, lambda f: f.write(data))
+
+    def _atomically(self, name: str, write) -> None:
+        """``write(stream)`` the file ``name``, so that it appears whole or not at all."""
         self.fs.create_dir(self.root, recursive=True)
-        if is_uri(self.uri):  # an object store PUT is already all-or-nothing
+        if is_uri(self.uri):  # an object store's object appears whole, when its upload ends
             with self.fs.open_output_stream(self._path(name)) as f:
-                f.write(data)
+                write(f)
             return
         # Not ending in .parquet: DuckDB's 'dir/*.parquet' skips no '_' names, and would trip
         # on a half-written temporary left by a killed writer.
         tmp = self._path(f"{TEMPORARY}{name}.{uuid.uuid4().hex}")
         with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
+            write(f)
         self.fs.move(tmp, self._path(name))
 
     def commit_table(self, name: str, table: pa.Table) -> None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        self._atomic_write(name, sink.getvalue().to_pybytes())
+        # Dictionary encoding only where values repeat (status, kinds, labels, the model):
+        # tried on 1,024 rows of 1024-float embeddings it took 14 of the 20 ms a part cost to
+        # write, and made the file 15% bigger. Written straight to the file: no copy in memory.
+        repeated = [f.name for f in table.schema
+                    if pa.types.is_string(f.type) and f.name != "path"]
+        self._atomically(name, lambda f: pq.write_table(table, f, use_dictionary=repeated))

@@ -80,6 +80,11 @@ TINY: dict[tuple[str, ...], dict[str, int]] = {
                                                            "--count": 12},
 }
 
+# Flags added for a smoke run: (program words) -> flags.
+FLAGS: dict[tuple[str, ...], list[str]] = {
+    ("batch-infer", "gpu-check"): ["--quick"],
+}
+
 # What a command's output must show beyond exit status 0: (program words) -> pattern.
 EXPECT: dict[tuple[str, ...], str] = {
     ("batch-infer", "demo"): r"accuracy on the sample digits: \d+/16 ",
@@ -89,6 +94,8 @@ EXPECT: dict[tuple[str, ...], str] = {
     ("python", "-c"): r"path",
     ("duckdb",): r"\d",
     ("python", "-m", "examples.color_classifier.train"): r"wrote 12 sample images",
+    ("batch-infer", "gpu-check"): r"RESULT: ok",
+    ("batch-infer", "report"): r"rows ok",
 }
 
 
@@ -224,6 +231,8 @@ def test_readme_block_runs(block: list[Command], tmp_path):
     that exits non-zero, output a later command of the block cannot read."""
     cwd = tmp_path / "cwd"
     _prepare_inputs(cwd)
+    if any("resnet50.safetensors" in c.argv for c in block):
+        _resnet_weights(cwd / "resnet50.safetensors")
     for cmd in block:
         reason = skip_reason(cmd)
         if reason is not None:
@@ -249,6 +258,8 @@ def _executable(cmd: Command, sandbox: Path) -> list[str]:
             argv[i] = str(min(int(argv[i]), value))
         else:
             argv += [option, str(value)]
+    flags = program(cmd, FLAGS)
+    argv += [f for f in (FLAGS[flags] if flags else []) if f not in argv]
     if argv[0] == "batch-infer":
         return [sys.executable, "-m", "pipeline.cli", *argv[1:]]
     if argv[0] == "python":
@@ -313,7 +324,30 @@ def _prepare_inputs(cwd: Path) -> None:
     (cwd / "my_model.py").write_text(my_model_source())
     files = write_samples(cwd / "path" / "to" / "images", 12, seed=4)
     shutil.copytree(cwd / "path" / "to" / "images", cwd / "images")
+    (cwd / "inputs.txt").write_text("".join(f"{f}\n" for f in files[::2]))  # a listing file
+    from pipeline.photos import write_photos
+
+    write_photos(cwd / "photos", 3, size=(320, 240), seed=4)
     (cwd / "data").mkdir()
     table = pa.table({"key": [f"k{i:02d}" for i in range(len(files))],
                       "jpg": pa.array([f.read_bytes() for f in files], pa.binary())})
     pq.write_table(table, cwd / "data" / "shard-0.parquet")
+
+
+def _resnet_weights(path: Path) -> None:
+    """A torchvision-layout ResNet-50 checkpoint with the seeded weights of
+    tests/reference (what the README's export command would write, without torch)."""
+    import json
+
+    from pipeline.models import safetensors
+
+    reference = ROOT / "tests" / "reference"
+    sys.path.insert(0, str(reference))
+    try:
+        import resnet_weights
+    finally:
+        sys.path.pop(0)
+    keys = json.loads((reference / "resnet50_state_dict.json").read_text())["keys"]
+    shapes = {k: tuple(v["shape"]) for k, v in keys.items()}
+    state = resnet_weights.seeded_state_dict(shapes, seed=0)
+    safetensors.write(path, {k: v.astype(keys[k]["dtype"]) for k, v in state.items()})
