@@ -58,6 +58,10 @@ SKIPPED: dict[tuple[str, ...], str] = {
                    "validates cluster.yaml)",
     ("ray", "dashboard"): "tunnels to the AWS cluster's head (cloud credentials)",
     ("ray", "down"): "stops the AWS cluster (cloud credentials)",
+    ("python", "-c", "import torchvision; from safetensors.torch import save_file; save_file("
+     "torchvision.models.resnet50(weights='IMAGENET1K_V1').state_dict(), "
+     "'resnet50.safetensors')"): "needs torch, torchvision and the weights from the network "
+                                "(tests/test_resnet.py loads seeded weights in the same layout)",
     ("docker",): "needs docker and a container registry",
     ("kubectl",): "needs a Kubernetes cluster with KubeRay (tests/test_cluster_config.py "
                   "checks k8s/rayjob.yaml's entrypoint)",

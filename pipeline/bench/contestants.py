@@ -34,7 +34,7 @@ def contestant(name: str, images: str, output: str, setup: Setup) -> dict:
         return _loop(images, output, setup)
     import ray
 
-    from pipeline.device import pin_to_cpu
+    from pipeline.platforms import pin_to_cpu
 
     pin_to_cpu()  # the driver: its JAX (a factory's arrays) must not take the actors' GPU
     owns = not ray.is_initialized()
@@ -90,7 +90,8 @@ def _loop(images: str, output: str, setup: Setup) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline.decode import decode_image
-    from pipeline.device import Executor, configure
+    from pipeline.device import Executor
+    from pipeline.platforms import configure
 
     start = time.perf_counter()
     configure(setup.platform)

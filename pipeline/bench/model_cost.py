@@ -99,7 +99,7 @@ def device_section(setup: str, inputs: str, count: int, repeats: int, seed_image
     """Seed table, model cost, sweep, bf16 vs f32 (and, with ``predictor``, the Predictor
     in this process vs the bare model) on this process's device. Arguments are JSON-able:
     ``setup`` is :meth:`Setup.to_json`, ``inputs`` a .npy of decoded distinct images."""
-    from pipeline.device import configure
+    from pipeline.platforms import configure
 
     setup = Setup.from_json(setup)
     configure(setup.platform)

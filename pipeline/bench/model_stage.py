@@ -74,7 +74,7 @@ def model_stage(setup: Setup, images: np.ndarray, repeats: int = 3,
     import ray
 
     from pipeline.bench.contestants import start_ray
-    from pipeline.device import configure
+    from pipeline.platforms import configure
     from pipeline.infer import Predictor
 
     configure(setup.platform)
