@@ -21,7 +21,8 @@ from pipeline.cli import RUN_ERRORS, USER_ERRORS, add_run_arguments, config_from
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     args = parser.parse_args()
     print(f"batch_infer job: pipeline package at {os.path.dirname(pipeline.__file__)}", flush=True)

@@ -28,13 +28,15 @@ RUN_ERRORS = (DeviceFailure,)
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, metavar="SRC",
-                   help="directory (recursive), single file, glob ('imgs/**/*.png'), or s3://bucket/prefix")
+                   help="directory (recursive), single file, glob ('imgs/**/*.png'), or "
+                   "s3://bucket/prefix")
     p.add_argument("--output", required=True, metavar="DIR",
-                   help="directory (or s3:// URI) for part-*.parquet, _manifest.json, _summary.json")
+                   help="directory (or s3:// URI) for part-*.parquet and, beside them, "
+                   "_listing.arrow, _manifest.json, _summary.json and _report.html")
     p.add_argument("--input-format", choices=INPUT_FORMATS, default="images",
-                   help="images: one row per image file; tar: webdataset tar shards (.tar, .tar.gz), "
-                   "one row per sample, path SHARD/MEMBER; parquet: files with an image-bytes column, "
-                   "one row per table row, path FILE/ID (default: images)")
+                   help="images: one row per image file; tar: webdataset tar shards (.tar, "
+                   ".tar.gz), one row per sample, path SHARD/MEMBER; parquet: files with an "
+                   "image-bytes column, one row per table row, path FILE/ID (default: images)")
     p.add_argument("--input-list", action="store_true",
                    help="--input is a file listing the inputs instead: one path or URI per line "
                    "(.txt), or a 'path' column (.csv, .parquet: an S3 Inventory, say); taken in "
@@ -46,13 +48,18 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH",
                    help="checkpoint for the model factory (default: the bundled digits CNN)")
     p.add_argument("--model-fn", metavar="MODULE:FUNCTION",
-                   help="model factory returning pipeline.Model (default: pipeline.models.digits_cnn:build)")
+                   help="model factory returning pipeline.Model (default: "
+                   "pipeline.models.digits_cnn:build; ResNet-50: pipeline.models.resnet:build)")
     p.add_argument("--batch-size", type=int, default=32,
-                   help="images per model call; the model is compiled once for this size (default: 32)")
+                   help="the model's batch: the unit of padding and of error isolation, "
+                   "compiled once (default: 32)")
     p.add_argument("--actors", type=int,
-                   help="inference actors (default: one per GPU with --gpus-per-actor, else one per node)")
+                   help="inference actors, all asked for at once (default: one per GPU with "
+                   "--gpus-per-actor, or per GPU the autoscaler may add where it publishes its "
+                   "ceiling; else one per node)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G",
-                   help="GPUs per inference actor, fractions allowed (default: 0, CPU)")
+                   help="GPUs per inference actor, fractions allowed; an actor with several "
+                   "shards each device batch over them (default: 0, CPU)")
     p.add_argument("--platform", choices=PLATFORMS,
                    help="JAX platform the actors compute on (default: gpu with --gpus-per-actor, "
                    "else cpu; an actor that finds no such device stops the run). --platform cpu "
@@ -64,8 +71,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "the model's FLOPs, see the plan in _summary.json)")
     p.add_argument("--top-k", type=int, default=5, help="classes kept per row (default: 5)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="dtype of the model's arithmetic; params stay float32 and outputs are float32 "
-                   "(bfloat16 pays off on H100/A100 GPUs; default: float32)")
+                   help="dtype of the model's arithmetic: weights cast once at load, "
+                   "normalisation layers kept float32, outputs float32 (bfloat16 pays off on "
+                   "H100/A100 GPUs; default: float32)")
     p.add_argument("--logits", action="store_true",
                    help="also write each row's raw (pre-softmax) scores as a 'logits' column "
                    "(classification models)")
@@ -75,11 +83,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--overwrite", action="store_true",
                       help="replace results already in --output")
     mode.add_argument("--resume", action="store_true",
-                      help="finish an interrupted run into --output: committed rows are kept, not redone")
+                      help="finish an interrupted run into --output: committed rows are kept, "
+                      "not redone")
     p.add_argument("--rows-per-file", type=int, default=10_000,
-                   help="rows per Parquet part file (default: 10000)")
+                   help="most rows per Parquet part file; a part holds one block's rows at most "
+                   "(default: 10000)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images larger than this (decompression bombs; default: {DEFAULT_MAX_PIXELS:,})")
+                   help="refuse images larger than this (decompression bombs; default: "
+                   f"{DEFAULT_MAX_PIXELS:,})")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="also show Ray's own log lines and the pipeline's INFO logs (default: "
                    "Ray's lines go to a file in its session directory, named in the output)")

@@ -60,7 +60,8 @@ class RunConfig:
         if self.gpus_per_actor < 0:
             problems.append(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         if self.platform is not None and self.platform not in PLATFORMS:
-            problems.append(f"platform must be one of {', '.join(PLATFORMS)}, got {self.platform!r}")
+            problems.append(
+                f"platform must be one of {', '.join(PLATFORMS)}, got {self.platform!r}")
         if self.device_batch_size is not None and (
             self.device_batch_size < 1 or self.device_batch_size % max(self.batch_size, 1)
         ):
@@ -73,7 +74,8 @@ class RunConfig:
         if self.rows_per_file < 1:
             problems.append(f"rows_per_file must be at least 1, got {self.rows_per_file}")
         if self.compute_dtype not in ("float32", "bfloat16"):
-            problems.append(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+            problems.append(
+                f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         if self.input_format not in INPUT_FORMATS:
             problems.append(
                 f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}"

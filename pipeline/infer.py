@@ -60,7 +60,8 @@ class Predictor:
         try:
             devices = platforms.select_devices(platform)
         except platforms.DeviceError as e:
-            raise platforms.DeviceError(f"{_where()}: {e}; {_FIX.get(platform, _FIX['cpu'])}.") from e
+            fix = _FIX.get(platform, _FIX["cpu"])
+            raise platforms.DeviceError(f"{_where()}: {e}; {fix}.") from e
         self.model = load_model(model_path, model_fn)
         self.spec: ModelSpec = self.model.spec
         self.fingerprint = fingerprint or self.model.fingerprint
