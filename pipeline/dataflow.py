@@ -9,6 +9,7 @@ the driver ever receives.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -121,11 +122,12 @@ class _Slices(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
         image_bytes = int(np.prod(self._spec.shape))
+        # Each task carries its own slice only (a closure over self would ship every slice
+        # with every task: quadratic in the input's size).
         return [
             ReadTask(
-                lambda lo=lo, hi=hi, parts=parts: _decode_slice(
-                    self._listing, lo, hi, parts, self._output, self._source, self._spec,
-                    self._max_pixels, self._rows),
+                functools.partial(_decode_slice, self._listing, lo, hi, parts, self._output,
+                                  self._source, self._spec, self._max_pixels, self._rows),
                 BlockMetadata(num_rows=hi - lo, size_bytes=(hi - lo) * image_bytes,
                               input_files=None, exec_stats=None),
             )

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from pipeline import resize
+from pipeline.platforms import error_text
 from pipeline.spec import ModelSpec
 
 # Refuse images whose header claims more pixels than this before decoding them: a 100 MP
@@ -170,12 +171,6 @@ def error_kind(exc: BaseException) -> str:
     if isinstance(exc, OSError):  # missing, permission denied, not a regular file, I/O
         return "unreadable"
     return "corrupt"  # something Pillow raised from inside a decoder
-
-
-def error_text(exc: BaseException) -> str:
-    """The ``error`` column: exception type and message, on one line."""
-    message = " ".join(str(exc).split()) or "no message"
-    return f"{type(exc).__name__}: {message}"
 
 
 def decode_rows(

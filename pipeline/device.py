@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.platforms import _first_line, error_text
+
 log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]  # program outputs, each (B, ...)
@@ -268,7 +270,7 @@ class Executor:
                     pending += [(mid, b), (a, mid)]
                     continue
                 self.check_canary(e)  # before condemning an image, clear the device again
-                errors[a] = f"model failed on this image: {_error_text(e)}"
+                errors[a] = f"model failed on this image: {error_text(e)}"
 
 
 def _pad(images: np.ndarray, rows: int) -> np.ndarray:
@@ -296,13 +298,3 @@ def _same(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> bool:
     if a.dtype.kind != "f":
         return bool(np.array_equal(a, b))
     return bool(np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True))
-
-
-def _first_line(e: BaseException) -> str:
-    text = " ".join(str(e).strip().split("\n\n")[0].split())
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
-
-
-def _error_text(e: BaseException) -> str:
-    message = " ".join(str(e).split()) or "no message"
-    return f"{type(e).__name__}: {message}"

@@ -99,3 +99,9 @@ def select_devices(platform: str) -> list[Any]:
 def _first_line(e: BaseException) -> str:
     text = " ".join(str(e).strip().split("\n\n")[0].split())
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def error_text(e: BaseException) -> str:
+    """An exception as one line: its type and whole message."""
+    message = " ".join(str(e).split()) or "no message"
+    return f"{type(e).__name__}: {message}"
