@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from conftest import COMPILES, digit_images
+from PIL import Image
 
 from pipeline.bench import format_report, limits, model_cost, seed
 from pipeline.bench.contestants import CONTESTANTS, contestant

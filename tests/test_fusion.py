@@ -91,7 +91,8 @@ def cudnn_conv_forms(hlo: str) -> dict[str, list[str]]:
                 forms["graph_fusion" if fused else "other"].append(line.strip())
     for name, body in bodies.items():
         if name not in fused_bodies:
-            forms["other"] += [l.strip() for l in body.splitlines() if " convolution(" in l]
+            forms["other"] += [line.strip() for line in body.splitlines()
+                               if " convolution(" in line]
     return forms
 
 

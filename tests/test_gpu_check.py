@@ -41,10 +41,11 @@ def test_sections_run_in_a_child_on_one_gpu_when_the_setup_computes_on_a_gpu(
     """A setup that computes on a GPU runs its measurements in a child process that sees one
     GPU (here JAX finds none and computes on the CPU: the child's plumbing is what is
     tested), and their JSON comes back whole."""
+    from conftest import digit_images
+
     from pipeline.bench import section
     from pipeline.bench.model_cost import save_inputs
     from pipeline.bench.workload import Setup
-    from conftest import digit_images
 
     setup = Setup(platform="gpu")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")

@@ -88,8 +88,8 @@ def prepare(root: Path, *, model_fn: str | None, model: str | None, workload: st
     from pipeline.bench.gpu import probe
     from pipeline.bench.model_cost import save_inputs
     from pipeline.bench.workload import decode_sample, image_paths, make_images, plan_for
-    from pipeline.platforms import pin_to_cpu
     from pipeline.model import ModelError
+    from pipeline.platforms import pin_to_cpu
 
     pin_to_cpu()  # this process only traces, lowers and decodes; GPUs are for the children
     devices = probe()

@@ -97,7 +97,7 @@ def in_child(target: str, env: dict[str, str] | None = None, timeout: float | No
     with spawning():
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **(env or {})})
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(_MARK)]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_MARK)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"bench child '{target}' failed (exit {proc.returncode}): "
                            f"{proc.stderr.strip()[-2000:]}")

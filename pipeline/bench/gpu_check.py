@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.limits import fraction, limits
 from pipeline.bench import prepare, section
 from pipeline.bench.gpu import spawning
+from pipeline.bench.limits import fraction, limits
 from pipeline.bench.report import format_report
 
 QUICK = {"photos": 64, "seed_images": 32, "model_images": 256, "sweep": [32, 64], "repeats": 1}

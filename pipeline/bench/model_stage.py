@@ -74,8 +74,8 @@ def model_stage(setup: Setup, images: np.ndarray, repeats: int = 3,
     import ray
 
     from pipeline.bench.contestants import start_ray
-    from pipeline.platforms import configure
     from pipeline.infer import Predictor
+    from pipeline.platforms import configure
 
     configure(setup.platform)
     bare = _bare(setup)
