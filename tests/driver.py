@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import poison_model
@@ -53,6 +54,18 @@ class Driver:
         finally:
             self.cleanup()
         return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+    def wait_until(self, condition, what: str, timeout: float = 240) -> None:
+        """Poll ``condition()`` until it holds; fail, naming ``what``, if the run ends first or
+        ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                stderr = self.proc.stderr.read()[-2000:]
+                raise AssertionError(f"the run ended before {what}: {stderr}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.02)
 
     def kill(self) -> None:
         """SIGKILL the driver alone, as a crash or an OOM kill would; then stop its Ray."""

@@ -114,8 +114,8 @@ def test_every_mismatch_in_one_error(state, tmp_path):
                  "'fc.weight' (10, 2048) (expected (1000, 2048))",
                  "'layer1.0.conv2.weight' (64, 64, 1, 1) (expected (64, 64, 3, 3))",
                  "'bn1.num_batches_tracked' float32 (expected an integer)",
-                 "2 non-finite or negative-variance values: 'layer3.2.conv1.weight', "
-                 "'layer4.0.bn3.running_var'"):
+                 ("2 non-finite or negative-variance values: 'layer3.2.conv1.weight', "
+                  "'layer4.0.bn3.running_var'")):
         assert part in message
 
 

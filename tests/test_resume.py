@@ -14,7 +14,6 @@ import hashlib
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import duckdb
@@ -34,17 +33,6 @@ from pipeline.write import OutputDir, OutputError
 
 IMAGES = 200
 BATCH = 8
-
-
-def wait_until(condition, what: str, driver: Driver, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if driver.proc.poll() is not None:
-            stderr = driver.proc.stderr.read()[-2000:]
-            raise AssertionError(f"the run ended before {what}: {stderr}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def committed_rows(out: Path) -> list[str]:
@@ -99,13 +87,13 @@ def test_killed_driver_resumes_exactly_once_and_writes_only_its_output(tmp_path)
 
     # 1. Killed after the manifest is written, before any row is committed.
     driver = Driver(run, cwd, env=env)
-    wait_until(lambda: (out / "_manifest.json").exists(), "the manifest", driver)
+    driver.wait_until(lambda: (out / "_manifest.json").exists(), "the manifest")
     driver.kill()
     assert committed_rows(out) == []
 
     # 2. Resumed, and killed again once some part files are committed.
     driver = Driver([*run, "--resume"], cwd, env=env)
-    wait_until(lambda: len(list(out.glob("part-*.parquet"))) >= 2, "two part files", driver)
+    driver.wait_until(lambda: len(list(out.glob("part-*.parquet"))) >= 2, "two part files")
     driver.kill()
     done = committed_rows(out)
     assert len(done) < IMAGES, "the kill landed after every row was committed: more work needed"

@@ -8,7 +8,6 @@ settings (runtime_env), as it must on a cluster whose nodes were started elsewhe
 from __future__ import annotations
 
 import socket
-import time
 
 import poison_model
 import pyarrow.fs as pafs
@@ -125,12 +124,7 @@ def test_s3_run_killed_then_resumed_computes_only_the_rest(s3, tmp_path):
                      "--model-fn", "poison_model:build", "--model", options, "--batch-size", 2,
                      "--rows-per-file", 2, "--actors", 1, "--no-progress"], tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while len(committed(s3, "killed")) < 4:
-            assert driver.proc.poll() is None, (
-                f"the run ended before it could be killed: {driver.proc.stderr.read()[-2000:]}")
-            assert time.monotonic() < deadline, "timed out waiting for 4 committed rows"
-            time.sleep(0.05)
+        driver.wait_until(lambda: len(committed(s3, "killed")) >= 4, "4 committed rows")
     finally:
         driver.kill()
     before = committed(s3, "killed")

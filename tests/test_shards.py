@@ -11,7 +11,6 @@ import io
 import os
 import tarfile
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -300,12 +299,7 @@ def test_tar_run_killed_then_resumed_computes_only_the_rest(ray_local, tar_shard
                      "--model-fn", "poison_model:build", "--model", options, "--batch-size", 4,
                      "--rows-per-file", 4, "--actors", 1, "--no-progress"], tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while len(committed(out)) < 8:
-            assert driver.proc.poll() is None, (
-                f"the run ended before it could be killed: {driver.proc.stderr.read()[-2000:]}")
-            assert time.monotonic() < deadline, "timed out waiting for 8 committed rows"
-            time.sleep(0.05)
+        driver.wait_until(lambda: len(committed(out)) >= 8, "8 committed rows")
     finally:
         driver.kill()
     before = committed(out)
