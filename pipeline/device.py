@@ -15,8 +15,9 @@ the devices of one process.
   ``data`` mesh (``NamedSharding``), parameters replicated once, at start.
 * **In flight.** Up to ``depth`` device batches are dispatched ahead: the next batch is copied
   in and its program queued while the current one computes, and every result starts back at
-  once (``copy_to_host_async``). The host blocks only when it needs the oldest result. The
-  timings stay honest without serialising: ``dispatch`` is host time spent issuing work,
+  once (``copy_to_host_async``; not on the CPU, where results already live in host memory).
+  The host blocks only when it needs the oldest result. The timings stay honest without
+  serialising: ``dispatch`` is host time spent issuing work,
   ``wait`` host time blocked on results (near zero: the device is starved, the host is the
   bottleneck). :meth:`Executor.run_serial` keeps the serialised per-stage timing (transfer
   in, compute, transfer out, each waited for) for the seed table.
@@ -73,6 +74,11 @@ class Executor:
         if self.device_batch % unit:
             raise ValueError(f"device batch {self.device_batch} is not a multiple of {unit}")
         self.depth = depth
+        # On the CPU a result is already in host memory and np.asarray reads it in place, so an
+        # early copy back is a wasted memcpy; under JAX 0.11 it is worse: the copy runs on a
+        # thread that np.asarray never joins, and a process that exits while one is pending
+        # aborts ("terminate called without an active exception", 1 exit in 5 after a run).
+        self._copy_ahead = self.devices[0].platform != "cpu"
         n = len(self.devices)
         mesh = Mesh(np.asarray(self.devices), ("data",))
         self._replicated = NamedSharding(mesh, PartitionSpec())
@@ -223,7 +229,7 @@ class Executor:
             try:
                 x = jax.device_put(_pad(images[lo:hi], rows), sharding)
                 y = compiled(self.params, x)
-                for leaf in y.values():
+                for leaf in y.values() if self._copy_ahead else ():
                     leaf.copy_to_host_async()
                 inflight.append(((lo, hi), y))
             except Exception as e:  # dispatch can fail too (device out of memory)

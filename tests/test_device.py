@@ -51,6 +51,25 @@ def test_in_flight_results_equal_the_serial_path(model):
     assert all(v > 0 for v in seconds.values())
 
 
+_RUN_AND_EXIT = """
+import numpy as np
+from pipeline.model import load_model
+model = load_model()
+model.executor(32).run(np.zeros((256, *model.spec.shape), np.uint8))
+"""
+
+
+def test_a_process_that_ran_batches_exits_cleanly():
+    """Rules out results copied back early on the CPU, where they already are: under JAX 0.11
+    that copy runs on a thread nothing joins, and about one process in five that exits right
+    after a run aborts ("terminate called without an active exception", exit -6). One after
+    another: run side by side, they slow each other enough that the copy ends in time."""
+    for _ in range(6):
+        proc = subprocess.run([sys.executable, "-c", _RUN_AND_EXIT], cwd=REPO, timeout=300,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert proc.returncode == 0, proc.stderr[-500:]
+
+
 def test_device_batch_is_compiled_once_beside_the_unit_and_tails_never_recompile(model):
     """A wrong implementation compiles a tail's shape (a third program), or pads a 1-row tail
     to the device batch; either is caught here: two compiles, then none for any length."""

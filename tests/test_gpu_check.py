@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +133,32 @@ def test_gpu_bench_runs_every_part_on_the_gpu(tmp_path, monkeypatch):
     assert run["plan"]["actor_gpus"] == 1.0 and run["images"] == 64 and not run["errors"]
     # TF32 convolutions may flip a near-tie between the two device batches' programs.
     assert label_agreement(tmp_path / "out_loop", tmp_path / "out_pipeline") >= 0.95
+
+
+def test_node_script_keeps_each_report(tmp_path):
+    """tools/gpu_check_node.sh, as a node without the package installed runs it (the checkout
+    on PYTHONPATH): each model's report as text and JSON, its work directory removed, the JAX
+    version recorded; an unknown model name is refused."""
+    from driver import private_ray_env, stop_private_ray
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "gpu_check_node.sh"
+    ray_tmp = tempfile.mkdtemp(prefix="bi-node-", dir="/tmp")  # short: socket paths
+    env = private_ray_env(ray_tmp, {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MODELS": "digits", "GPU_CHECK_ARGS": "--quick --photos 8"})
+    try:
+        proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        stop_private_ray(ray_tmp)
+    out = tmp_path / "out"
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["digits.json", "digits.txt", "node.txt"]
+    result = json.loads((out / "digits.json").read_text())
+    assert result["ok"] and result["pipeline_run"]["images"] == 8
+    assert "RESULT: ok" in (out / "digits.txt").read_text()
+    assert "jax " in (out / "node.txt").read_text()
+
+    refused = subprocess.run(["bash", str(script), str(tmp_path / "other")],
+                             env={**env, "MODELS": "vgg"}, capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown model 'vgg'" in refused.stderr
