@@ -37,18 +37,24 @@ def model():
 
 
 def test_in_flight_results_equal_the_serial_path(model):
-    """Batches in flight (device batch 64, tails of 32) give exactly what one call at a
-    time, each waited for, gives."""
+    """Batches in flight give exactly what one call at a time, each waited for, gives, when
+    both run the same program (device batch = unit); with a device batch of 64 the same
+    labels, and scores to float32 rounding: XLA may block a 64-row convolution otherwise
+    than a 32-row one (JAX 0.12 on CPU does, by up to 6e-6 in a logit)."""
     images, _ = digit_images(300)
     program = model.program(top_k=3, logits=True)
-    fast = Executor(program, model.params, model.spec.shape, 32, device_batch=64)
-    out = fast.run(images)
-    serial, seconds = fast.run_serial(images)
-    assert set(out) == {"ok", "topk_scores", "topk_labels", "logits"}
-    for k in out:
-        np.testing.assert_array_equal(out[k], serial[k], err_msg=k)
-    assert fast.seconds["dispatch"] > 0 and fast.seconds["wait"] >= 0
-    assert all(v > 0 for v in seconds.values())
+    for device_batch in (32, 64):
+        fast = Executor(program, model.params, model.spec.shape, 32, device_batch=device_batch)
+        out = fast.run(images)
+        serial, seconds = fast.run_serial(images)
+        assert set(out) == {"ok", "topk_scores", "topk_labels", "logits"}
+        for k in out:
+            if device_batch == 32 or out[k].dtype.kind != "f":
+                np.testing.assert_array_equal(out[k], serial[k], err_msg=k)
+            else:
+                np.testing.assert_allclose(out[k], serial[k], rtol=1e-5, atol=1e-5, err_msg=k)
+        assert fast.seconds["dispatch"] > 0 and fast.seconds["wait"] >= 0
+        assert all(v > 0 for v in seconds.values())
 
 
 _RUN_AND_EXIT = """
@@ -86,7 +92,7 @@ def test_device_batch_is_compiled_once_beside_the_unit_and_tails_never_recompile
         order = np.argsort(-want, axis=1, kind="stable")[:, :5]
         np.testing.assert_array_equal(got["topk_labels"], order)
         np.testing.assert_allclose(got["topk_scores"], np.take_along_axis(want, order, 1),
-                                   rtol=1e-6)
+                                   rtol=1e-5)  # 128- and 32-row programs may round apart
     assert COMPILES.count == after, "a tail recompiled"
     assert [hi - lo for lo, hi in executor._chunks(300)] == [128, 128, 32, 12]
 
