@@ -137,8 +137,8 @@ def test_gpu_bench_runs_every_part_on_the_gpu(tmp_path, monkeypatch):
 
 def test_node_script_keeps_each_report(tmp_path):
     """tools/gpu_check_node.sh, as a node without the package installed runs it (the checkout
-    on PYTHONPATH): each model's report as text and JSON, its work directory removed, the JAX
-    version recorded; an unknown model name is refused."""
+    on PYTHONPATH): each model's report as text and JSON and nothing else in OUT_DIR, the JAX
+    version recorded; an unknown model name is refused before any check runs."""
     from driver import private_ray_env, stop_private_ray
 
     script = Path(__file__).resolve().parents[1] / "tools" / "gpu_check_node.sh"
@@ -160,5 +160,7 @@ def test_node_script_keeps_each_report(tmp_path):
     assert "jax " in (out / "node.txt").read_text()
 
     refused = subprocess.run(["bash", str(script), str(tmp_path / "other")],
-                             env={**env, "MODELS": "vgg"}, capture_output=True, text=True)
+                             env={**env, "MODELS": "digits vgg"}, capture_output=True,
+                             text=True, timeout=60)
     assert refused.returncode == 2 and "unknown model 'vgg'" in refused.stderr
+    assert not (tmp_path / "other" / "digits.txt").exists()

@@ -22,26 +22,33 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 { nvidia-smi -L; python3 -c "import jax, jaxlib; print('jax', jax.__version__, jaxlib.__version__)"
 } > "$out/node.txt" 2>&1
 
+models=${MODELS:-digits resnet50}
+for model in $models; do
+    case $model in
+        digits|resnet50) ;;
+        *) echo "unknown model '$model' (digits, resnet50)" >&2; exit 2 ;;
+    esac
+done
 status=0
-for model in ${MODELS:-digits resnet50}; do
+for model in $models; do
+    # Images, outputs and weights go outside OUT_DIR: only the reports are to be kept.
+    work=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-$model-XXXXXX")
     case $model in
         digits) args=() ;;
         resnet50)
-            mkdir -p "$out/work-$model"
-            weights=$out/work-$model/resnet50-seeded.safetensors  # 100 MB: removed below
+            weights=$work/resnet50-seeded.safetensors  # 100 MB
             python3 -c "import sys; sys.path.insert(0, 'tests')
 from reference.resnet_weights import seeded_state_dict
 from pipeline.models import resnet, safetensors
 safetensors.write('$weights', seeded_state_dict(resnet.state_dict_shapes(), seed=0))" || exit 1
             args=(--model-fn pipeline.models.resnet:build --model "$weights") ;;
-        *) echo "unknown model '$model' (digits, resnet50)" >&2; exit 2 ;;
     esac
     # shellcheck disable=SC2086  # GPU_CHECK_ARGS is a list of flags
     timeout "${SECONDS_EACH:-300}" python3 -m pipeline.cli gpu-check --json "$out/$model.json" \
-        --work "$out/work-$model" "${args[@]}" ${GPU_CHECK_ARGS:-} > "$out/$model.txt" 2>&1
+        --work "$work" "${args[@]}" ${GPU_CHECK_ARGS:-} > "$out/$model.txt" 2>&1
     code=$?
     echo "$model: exit $code, report in $out/$model.txt"
-    rm -rf "$out/work-$model"
+    rm -rf "$work"
     [ $code -eq 0 ] || status=1
 done
 exit $status
