@@ -341,17 +341,6 @@ def _prepare_inputs(cwd: Path) -> None:
 def _resnet_weights(path: Path) -> None:
     """A torchvision-layout ResNet-50 checkpoint with the seeded weights of
     tests/reference (what the README's export command would write, without torch)."""
-    import json
+    from reference import resnet_weights
 
-    from pipeline.models import safetensors
-
-    reference = ROOT / "tests" / "reference"
-    sys.path.insert(0, str(reference))
-    try:
-        import resnet_weights
-    finally:
-        sys.path.pop(0)
-    keys = json.loads((reference / "resnet50_state_dict.json").read_text())["keys"]
-    shapes = {k: tuple(v["shape"]) for k, v in keys.items()}
-    state = resnet_weights.seeded_state_dict(shapes, seed=0)
-    safetensors.write(path, {k: v.astype(keys[k]["dtype"]) for k, v in state.items()})
+    resnet_weights.write_checkpoint(path)

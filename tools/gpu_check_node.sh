@@ -38,9 +38,8 @@ for model in $models; do
         resnet50)
             weights=$work/resnet50-seeded.safetensors  # 100 MB
             python3 -c "import sys; sys.path.insert(0, 'tests')
-from reference.resnet_weights import seeded_state_dict
-from pipeline.models import resnet, safetensors
-safetensors.write('$weights', seeded_state_dict(resnet.state_dict_shapes(), seed=0))" || exit 1
+from reference.resnet_weights import write_checkpoint
+write_checkpoint(sys.argv[1])" "$weights" || exit 1
             args=(--model-fn pipeline.models.resnet:build --model "$weights") ;;
     esac
     # shellcheck disable=SC2086  # GPU_CHECK_ARGS is a list of flags

@@ -55,6 +55,20 @@ def seeded_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict
     return {key: seeded_tensor(key, tuple(shape), seed) for key, shape in shapes.items()}
 
 
+def write_checkpoint(path, seed: int = 0):
+    """The seeded weights as the .safetensors file the README's export command writes: every
+    key, shape and dtype of torchvision's resnet50 state dict (resnet50_state_dict.json).
+    Returns the path. Needs this package (its safetensors writer), unlike the rest here."""
+    import json
+    from pathlib import Path
+
+    from pipeline.models import safetensors
+
+    keys = json.loads((Path(__file__).parent / "resnet50_state_dict.json").read_text())["keys"]
+    state = seeded_state_dict({k: tuple(v["shape"]) for k, v in keys.items()}, seed)
+    return safetensors.write(path, {k: v.astype(keys[k]["dtype"]) for k, v in state.items()})
+
+
 def reference_inputs(seed: int, count: int, size: int) -> np.ndarray:
     """(count, 3, size, size) float32, NCHW, already normalised: blocky 8x8-cell colour fields
     plus fine noise. Global average pooling washes white noise out, so images of noise alone give
