@@ -39,8 +39,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "image-bytes column, one row per table row, path FILE/ID (default: images)")
     p.add_argument("--input-list", action="store_true",
                    help="--input is a file listing the inputs instead: one path or URI per line "
-                   "(.txt), or a 'path' column (.csv, .parquet: an S3 Inventory, say); taken in "
-                   "its order, each listed once. The way to feed tens of millions of objects")
+                   "(.txt), a 'path' column or 'bucket' and 'key' columns (.csv, .parquet, "
+                   ".orc; also .gz), or an S3 Inventory report's manifest.json (each object's "
+                   "latest version). Taken in its order; a path listed again is read once. "
+                   "The way to feed tens of millions of objects")
     p.add_argument("--image-column", default="image", metavar="NAME",
                    help="parquet: the column of encoded image bytes (default: image)")
     p.add_argument("--id-column", default="id", metavar="NAME",

@@ -1,8 +1,9 @@
 """List stage: what a run reads, written once to ``_listing.arrow`` beside the output.
 
 Inputs are a local directory (recursive), a single file, a glob, the same on any filesystem
-pyarrow knows by URI (``s3://bucket/prefix``), or a *listing file* (``--input-format`` with
-a ``.txt``/``.csv``/``.parquet`` list of paths, as S3 Inventory writes them).
+pyarrow knows by URI (``s3://bucket/prefix``), or an *input list* (``--input-list``: a text,
+CSV, Parquet or ORC list of paths, or an S3 Inventory report; read by
+:mod:`pipeline.input_lists`).
 
 The driver never holds the listing: a local directory is walked one directory at a time
 (sorted names: the order is the same on every run), and each path is appended to an Arrow IPC
@@ -23,10 +24,12 @@ import logging
 import os
 import urllib.parse
 import uuid
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -101,57 +104,6 @@ class Walk:
         return dict(self.skipped)
 
 
-def listed_paths(src: str) -> Iterator[Entry]:
-    """The paths in a listing file (``.parquet``: a ``path`` column, or the first string
-    column; ``.csv``: a ``path`` column, or the first column; anything else: one per line),
-    streamed in the file's order."""
-    fs, inner = filesystem(src)
-    lower = src.lower()
-    try:
-        if lower.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            with fs.open_input_file(inner) as f:
-                pf = pq.ParquetFile(f)
-                column = _path_column(pf.schema_arrow)
-                for batch in pf.iter_batches(columns=[column], batch_size=65536):
-                    yield from ((p, None) for p in batch.column(0).to_pylist() if p)
-        elif lower.endswith(".csv"):
-            import pyarrow.csv as pcsv
-
-            with fs.open_input_stream(inner) as f:
-                reader = pcsv.open_csv(f)
-                column = _path_column(reader.schema)
-                for batch in reader:
-                    yield from ((p, None) for p in batch.column(column).to_pylist() if p)
-        else:
-            with fs.open_input_stream(inner) as f:
-                rest = b""
-                while chunk := f.read(1 << 20):
-                    lines = (rest + chunk).split(b"\n")
-                    rest = lines.pop()
-                    yield from _lines(lines)
-                yield from _lines([rest])
-    except (OSError, pa.ArrowInvalid) as e:
-        raise InputError(f"Cannot read listing file '{src}': {e}") from e
-
-
-def _path_column(schema: pa.Schema) -> str:
-    if "path" in schema.names:
-        return "path"
-    for f in schema:
-        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
-            return f.name
-    raise InputError(f"Listing file has no string column of paths (columns: {schema.names}).")
-
-
-def _lines(lines: list[bytes]) -> Iterator[Entry]:
-    for line in lines:
-        text = line.decode("utf-8").strip()
-        if text and not text.startswith("#"):
-            yield text, None
-
-
 @dataclass(frozen=True)
 class ListingFile:
     """A run's inputs on disk (see the module docstring): ``count`` rows of (path, size)."""
@@ -164,9 +116,17 @@ class ListingFile:
 
     @classmethod
     def write(cls, directory: str, entries: Iterable[Entry]) -> ListingFile:
-        """Stream ``entries`` into a new temporary listing file in ``directory``. Nothing is
-        created when there are none (``count`` 0, no file): a failed listing leaves no
-        output directory behind."""
+        """Stream ``entries`` into a new temporary listing file in ``directory``, each path
+        once: a path listed again (a list file may repeat one) is left out and counted in
+        ``skipped``, so no input yields two rows. Nothing is created when there are none
+        (``count`` 0, no file): a failed listing leaves no output directory behind."""
+        hashes = array("q")  # hash(path) of every row: 8 bytes an input, to find repeats
+        listing = cls._write(directory, entries, hashes.append)
+        return listing._without_repeats(directory, hashes) if listing.count else listing
+
+    @classmethod
+    def _write(cls, directory: str, entries: Iterable[Entry], seen: Callable[[int], None]
+               ) -> ListingFile:
         entries = iter(entries)
         first = next(entries, None)
         if first is None:
@@ -180,6 +140,7 @@ class ListingFile:
         with fs.open_output_stream(f"{root}/{name}") as sink, pa.ipc.new_file(sink, SCHEMA) as w:
             for path, size in itertools.chain([first], entries):
                 digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+                seen(hash(path))
                 paths.append(path)
                 sizes.append(size)
                 if size is not None and (largest is None or size > largest):
@@ -192,6 +153,38 @@ class ListingFile:
                 w.write_batch(pa.record_batch([paths, sizes], schema=SCHEMA))
                 count += len(paths)
         return cls(f"{directory.rstrip('/')}/{name}", count, digest.hexdigest(), largest)
+
+    def _without_repeats(self, directory: str, hashes: array) -> ListingFile:
+        """This listing, or, where a path repeats, a copy with its first place only. Finding
+        none is a sort of the hashes; the paths whose hash repeats are compared as strings,
+        so two paths that share a hash both stay."""
+        values, counts = np.unique(np.frombuffer(hashes, np.int64), return_counts=True)
+        suspects = set(values[counts > 1].tolist())
+        if not suspects:
+            return self
+        kept: set[str] = set()  # only paths whose hash repeats
+        repeats = 0
+
+        def first_places() -> Iterator[Entry]:
+            nonlocal repeats
+            fs, inner = filesystem(self.uri)
+            with fs.open_input_file(inner) as f:
+                reader = pa.ipc.open_file(f)
+                for i in range(reader.num_record_batches):
+                    batch = reader.get_batch(i)
+                    for path, size in zip(*(c.to_pylist() for c in batch.columns)):
+                        if hash(path) in suspects:
+                            if path in kept:
+                                repeats += 1
+                                continue
+                            kept.add(path)
+                        yield path, size
+
+        unique = ListingFile._write(directory, first_places(), lambda _: None)
+        self.discard()
+        if repeats:
+            log.warning("%d input(s) listed more than once: each is read once", repeats)
+        return unique.with_skipped({"listed more than once": repeats} if repeats else {})
 
     def read(self, lo: int, hi: int) -> pa.Table:
         """Rows [lo, hi) of the listing: columns path, size."""
@@ -221,7 +214,10 @@ class ListingFile:
             pass
 
     def with_skipped(self, skipped: dict[str, int]) -> ListingFile:
-        return ListingFile(self.uri, self.count, self.sha256, self.largest, skipped)
+        """This listing with ``skipped`` counted beside what it already counts."""
+        both = Counter(self.skipped)
+        both.update(skipped)
+        return ListingFile(self.uri, self.count, self.sha256, self.largest, dict(both))
 
 
 # --- walking ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.decode import decode_payloads, decode_rows
-from pipeline.listing import Entry, InputError, ListingFile, Walk, listed_paths
+from pipeline.input_lists import listed_paths
+from pipeline.listing import Entry, InputError, ListingFile, Walk
 from pipeline.read import fetch_all, filesystem, is_image_name, load_bytes
 from pipeline.shards import (
     Payload,
@@ -58,10 +60,12 @@ class Source:
         """List the units under ``src`` (image files, or shard files of this format) into a
         temporary listing file in directory ``into``; InputError when there are none."""
         if self.input_list:
-            listing = ListingFile.write(into, self._checked(listed_paths(src)))
+            skipped: Counter[str] = Counter()
+            listing = ListingFile.write(into, self._checked(listed_paths(src, skipped)))
             if not listing.count:
-                raise InputError(f"Listing file '{src}' lists no inputs.")
-            return listing
+                left_out = "".join(f"; {n:,} {why}" for why, n in skipped.items())
+                raise InputError(f"Listing file '{src}' lists no inputs{left_out}.")
+            return listing.with_skipped(dict(skipped))
         accept, a_kind, kinds = {
             "images": (is_image_name, "an image", "images"),
             "tar": (is_tar_name, "a tar shard", "tar shards"),

@@ -4,6 +4,7 @@ driver), listing files (``--input-list``: text, CSV, Parquet), and the crash gua
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,8 @@ import pytest
 import pipeline
 from pipeline import crash_guard
 from pipeline.digits import write_samples
-from pipeline.listing import InputError, ListingFile, Walk, listed_paths
+from pipeline.input_lists import listed_paths
+from pipeline.listing import InputError, ListingFile, Walk
 from pipeline.read import is_image_name
 
 
@@ -42,14 +44,32 @@ def test_listing_files_of_every_kind_stream_in_their_order(tmp_path):
         list(listed_paths(str(tmp_path / "nums.parquet")))
 
 
+def test_a_path_listed_again_keeps_its_first_place_only(tmp_path, monkeypatch):
+    paths = [f"/img/{i % 1500}.png" for i in range(3000)] + ["/img/late.png", "/img/0.png"]
+    listing = ListingFile.write(str(tmp_path), ((p, None) for p in paths))
+    assert listing.count == 1501 and listing.skipped == {"listed more than once": 1501}
+    unique = [*paths[:1500], "/img/late.png"]
+    again = ListingFile.write(str(tmp_path / "again"), ((p, None) for p in unique))
+    assert listing.read(0, 1501).column("path").to_pylist() == unique
+    assert again.sha256 == listing.sha256 and not again.skipped  # what --resume compares
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == [Path(listing.uri).name]
+    # Paths are told apart by their text, not their hash: every hash the same drops nothing.
+    monkeypatch.setattr("pipeline.listing.hash", lambda _: 7, raising=False)
+    collided = ListingFile.write(str(tmp_path / "collided"), ((p, None) for p in paths[::-1]))
+    assert collided.count == 1501 and collided.skipped == {"listed more than once": 1501}
+
+
 def test_an_input_list_runs_exactly_its_inputs_and_resumes(ray_local, tmp_path):
     src = tmp_path / "images"
     write_samples(src, 30, seed=3)
     chosen = sorted(str(p) for p in src.rglob("*.*"))[::3]  # every third image
     listing = tmp_path / "inputs.txt"
-    listing.write_text("\n".join(chosen) + "\n" + str(src / "missing.png") + "\n")
+    repeated = [chosen[0], f"{chosen[1]}\n{chosen[1]}"]  # listed again: still one row each
+    listing.write_text("\n".join([*chosen, *repeated, str(src / "missing.png")]) + "\n")
     out = tmp_path / "out"
     summary = pipeline.run(str(listing), str(out), input_list=True, rows_per_file=4)
+    assert summary.skipped == {"listed more than once": 3}
+    assert pq.read_table(out).num_rows == len(chosen) + 1
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     assert sorted(rows) == sorted([*chosen, str(src / "missing.png")])
     assert rows[str(src / "missing.png")]["error_kind"] == "unreadable"

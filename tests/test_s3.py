@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import label_of
 from driver import Driver
+from test_input_lists import write_inventory
 
 import pipeline
 
@@ -139,6 +140,27 @@ def test_s3_run_killed_then_resumed_computes_only_the_rest(s3, tmp_path):
     ok_before = sum(status == "ok" for status in before.values())
     assert sum(c.images for c in poison_model.read_calls(calls)) == 40 - ok_before, (
         "the resume computed rows that were already committed")
+
+
+def test_an_s3_inventory_report_runs_each_objects_latest_version(s3, sample_dir, tmp_path):
+    """The report's manifest.json, its gzipped CSV data files (form-encoded keys, every
+    version) and the images are all objects; the run reads each object once."""
+    keys = sorted(f"in/{p.relative_to(sample_dir)}" for p in sample_dir.rglob("*.*"))[:6]
+    versions = [(k, True, False, 1) for k in keys] + [
+        (keys[0], False, False, 1), ("in/gone.jpg", True, True, None)]
+    manifest = write_inventory(tmp_path, "CSV", versions, bucket=BUCKET, destination=BUCKET)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            key = f"{BUCKET}/{path.relative_to(tmp_path)}"
+            with s3.open_output_stream(key, compression=None) as f:  # as stored: gzip
+                f.write(path.read_bytes())
+    report = f"s3://{BUCKET}/{manifest.relative_to(tmp_path)}"
+    summary = pipeline.run(report, f"s3://{BUCKET}/inventory-out", input_list=True)
+    assert (summary.rows_ok, summary.rows_error) == (6, 0)
+    assert summary.skipped == {"S3 Inventory: not the latest version": 1,
+                               "S3 Inventory: delete marker": 1}
+    rows = pq.read_table(f"{BUCKET}/inventory-out", filesystem=s3).to_pylist()
+    assert sorted(r["path"] for r in rows) == [f"s3://{BUCKET}/{k}" for k in keys]
 
 
 def test_missing_bucket_prefix_is_one_clear_error(s3, tmp_path):
