@@ -20,10 +20,10 @@ from pipeline.listing import InputError
 from pipeline.model import ModelError
 from pipeline.plan import PlanError
 from pipeline.platforms import DeviceError
-from pipeline.write import OutputError
+from pipeline.write import OutputError, WriteFailure
 
 USER_ERRORS = (ConfigError, InputError, OutputError, ModelError, PlanError, DeviceError)
-RUN_ERRORS = (DeviceFailure,)
+RUN_ERRORS = (DeviceFailure, WriteFailure)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.read import filesystem, is_image_name, is_uri
-from pipeline.write import LISTING, TEMPORARY
+from pipeline.write import LISTING, TEMPORARY, WriteFailure, discard
 
 log = logging.getLogger(__name__)
 
@@ -132,26 +132,33 @@ class ListingFile:
         if first is None:
             return cls("", 0, hashlib.sha256().hexdigest(), None)
         fs, root = filesystem(directory)
-        fs.create_dir(root, recursive=True)
         name = f"{TEMPORARY}listing-{uuid.uuid4().hex}.arrow"
         digest, count, largest = hashlib.sha256(), 0, None
         paths: list[str] = []
         sizes: list[int | None] = []
-        with fs.open_output_stream(f"{root}/{name}") as sink, pa.ipc.new_file(sink, SCHEMA) as w:
-            for path, size in itertools.chain([first], entries):
-                digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
-                seen(hash(path))
-                paths.append(path)
-                sizes.append(size)
-                if size is not None and (largest is None or size > largest):
-                    largest = size
-                if len(paths) == LISTING_CHUNK:
+        try:
+            fs.create_dir(root, recursive=True)
+            with (fs.open_output_stream(f"{root}/{name}", compression=None) as sink,
+                  pa.ipc.new_file(sink, SCHEMA) as w):
+                for path, size in itertools.chain([first], entries):
+                    digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+                    seen(hash(path))
+                    paths.append(path)
+                    sizes.append(size)
+                    if size is not None and (largest is None or size > largest):
+                        largest = size
+                    if len(paths) == LISTING_CHUNK:
+                        w.write_batch(pa.record_batch([paths, sizes], schema=SCHEMA))
+                        count += len(paths)
+                        paths, sizes = [], []
+                if paths:
                     w.write_batch(pa.record_batch([paths, sizes], schema=SCHEMA))
                     count += len(paths)
-                    paths, sizes = [], []
-            if paths:
-                w.write_batch(pa.record_batch([paths, sizes], schema=SCHEMA))
-                count += len(paths)
+        except BaseException as e:
+            discard(fs, f"{root}/{name}")
+            if isinstance(e, OSError):  # reading the inputs raises InputError instead
+                raise WriteFailure.of("the input listing", directory, e) from e
+            raise
         return cls(f"{directory.rstrip('/')}/{name}", count, digest.hexdigest(), largest)
 
     def _without_repeats(self, directory: str, hashes: array) -> ListingFile:

@@ -28,7 +28,15 @@ from pipeline.model import Model, ModelError, check_model, load_model
 from pipeline.platforms import DeviceError, pin_to_cpu
 from pipeline.progress import Observer, Progress, Stats, Watch  # noqa: F401 (Progress: API)
 from pipeline.source import Source
-from pipeline.write import SUMMARY, OutputDir, OutputError, PartWriter, Tally, output_schema
+from pipeline.write import (
+    SUMMARY,
+    OutputDir,
+    OutputError,
+    PartWriter,
+    Tally,
+    WriteFailure,
+    output_schema,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,42 +115,45 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
     summary.skipped, summary.rows_resumed = listing.skipped, resumed.ok + resumed.error
 
     from pipeline import dataflow  # import Ray only when there is work
-    from pipeline import plan as planning
 
-    observer.ray_starting()
-    dataflow.ensure_ray(cfg.address, quiet=observer.quiet)
-    cluster = planning.Cluster.from_ray()
-    plan = planning.make_plan(
-        cfg, cluster, units=listing.count, image_bytes=int(np.prod(model.spec.shape)),
-        flops_per_image=flops, largest_shard=listing.largest if source.sharded else None)
-    for note in plan.notes:
-        log.info("plan: %s", note)
-    summary.plan = plan.to_json()
-    summary.nodes = [{"node_id": n.node_id, "node_ip": n.ip, "cpus": n.cpus, "gpus": n.gpus,
-                      "memory_gb": round(n.memory / 1e9, 1)} for n in cluster.nodes]
-    expected = None if source.sharded else listing.count - summary.rows_resumed
-    observer.started({
-        "input": cfg.input, "inputs": listing.count, "format": cfg.input_format,
-        "skipped": listing.skipped, "resumed": summary.rows_resumed, "expected": expected,
-        "model": fingerprint, "model_name": model.name,
-        "model_shape": "x".join(map(str, model.spec.shape)) + f", {model.spec.output_dim} "
-                       + ("classes" if model.spec.output == "classification" else "dims"),
-        "plan": summary.plan, "output": cfg.output, "session_dir": dataflow.session_dir(),
-    })
-    run_id = uuid.uuid4().hex  # names what the actors' crash guards record in the GCS
-    tally, stats, watch = Tally(), Stats(start), Watch(observer, cluster)
+    # Until the actors start, a failure (no Ray, a plan the cluster cannot run) leaves no
+    # trace. After, an actor may still commit the block it holds, so the listing and manifest
+    # stay beside whatever it commits: a rerun with --resume, or a plain one when no part
+    # came, finishes cleanly.
+    started = False
     try:
-        if expected != 0:
-            records = dataflow.execute(cfg, plan, listing, committed, model.spec, source,
-                                       fingerprint, run_id)
-            for batch in records:
-                stats.add(batch, tally)
-                watch.records(batch)
-                if summary.first_result_seconds is None:
-                    summary.first_result_seconds = time.perf_counter() - start
-                observer.progress(Progress(stats.rows, expected, tally.error, stats.elapsed()))
+        observer.ray_starting()
+        dataflow.ensure_ray(cfg.address, quiet=observer.quiet)
+        cluster, plan = _plan(cfg, model, listing, source, flops, summary)
+        expected = None if source.sharded else listing.count - summary.rows_resumed
+        observer.started({
+            "input": cfg.input, "inputs": listing.count, "format": cfg.input_format,
+            "skipped": listing.skipped, "resumed": summary.rows_resumed, "expected": expected,
+            "model": fingerprint, "model_name": model.name,
+            "model_shape": "x".join(map(str, model.spec.shape)) + f", {model.spec.output_dim} "
+                           + ("classes" if model.spec.output == "classification" else "dims"),
+            "plan": summary.plan, "output": cfg.output, "session_dir": dataflow.session_dir(),
+        })
+        run_id = uuid.uuid4().hex  # names what the actors' crash guards record in the GCS
+        tally, stats, watch = Tally(), Stats(start), Watch(observer, cluster)
+        try:
+            if expected != 0:
+                records = dataflow.execute(cfg, plan, listing, committed, model.spec, source,
+                                           fingerprint, run_id)
+                started = True
+                for batch in records:
+                    stats.add(batch, tally)
+                    watch.records(batch)
+                    if summary.first_result_seconds is None:
+                        summary.first_result_seconds = time.perf_counter() - start
+                    observer.progress(
+                        Progress(stats.rows, expected, tally.error, stats.elapsed()))
+        finally:
+            from pipeline.crash_guard import forget_run
+
+            forget_run(run_id)
     except Exception as e:
-        if not committed and not out.parts():  # nothing to resume: leave no trace
+        if not started and not committed:
             out.clear()
             if not existed:
                 _remove_if_empty(out)
@@ -150,10 +161,6 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
         if ours is not None:  # one line, not Ray's wrapping of a worker's traceback
             raise ours from None
         raise
-    finally:
-        from pipeline.crash_guard import forget_run
-
-        forget_run(run_id)
     if expected is not None and stats.rows < expected:
         _write_missing(out, cfg, model, fingerprint, listing, tally, stats)
     out.remove_temporaries()  # a writer killed mid-part leaves its temporary; none run now
@@ -165,6 +172,23 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
     out.write_json(SUMMARY, summary.to_json())
     _write_report(cfg.output, summary)
     return summary
+
+
+def _plan(cfg: RunConfig, model: Model, listing: ListingFile, source: Source, flops: float,
+          summary: Summary):
+    """The cluster as Ray sees it, and the plan for this run on it (noted in ``summary``)."""
+    from pipeline import plan as planning
+
+    cluster = planning.Cluster.from_ray()
+    plan = planning.make_plan(
+        cfg, cluster, units=listing.count, image_bytes=int(np.prod(model.spec.shape)),
+        flops_per_image=flops, largest_shard=listing.largest if source.sharded else None)
+    for note in plan.notes:
+        log.info("plan: %s", note)
+    summary.plan = plan.to_json()
+    summary.nodes = [{"node_id": n.node_id, "node_ip": n.ip, "cpus": n.cpus, "gpus": n.gpus,
+                      "memory_gb": round(n.memory / 1e9, 1)} for n in cluster.nodes]
+    return cluster, plan
 
 
 def _check_usable(out: OutputDir, cfg: RunConfig) -> None:
@@ -217,6 +241,7 @@ _OURS = {
     "pipeline.platforms.DeviceError": DeviceError,
     "pipeline.device.DeviceFailure": DeviceFailure,
     "pipeline.model.ModelError": ModelError,
+    "pipeline.write.WriteFailure": WriteFailure,
 }
 
 

@@ -10,9 +10,10 @@ skips committed rows, so its parts hold other rows and get other names.
 Commit protocol, the one place it lives:
 
 1. a part is written under a temporary ``_tmp-*`` name, then renamed (one atomic rename on a
-   filesystem; on an object store a single PUT, which is all or nothing), so no reader ever
-   sees half a file: pyarrow skips ``_`` names, and a temporary does not end in ``.parquet``,
-   so DuckDB's ``*.parquet`` glob skips it too;
+   filesystem; on an object store a copy of the finished object), so no reader ever sees half
+   a file: pyarrow skips ``_`` names, and a temporary does not end in ``.parquet``, so
+   DuckDB's ``*.parquet`` glob skips it too. A part that cannot be written (a full disk, a
+   refused upload) stops the run with :class:`WriteFailure`; committed parts stay;
 2. the actor returns a small record per part (name, row counts, error kinds, stage times): the
    driver never holds rows, only these, and writes ``_manifest.json`` and ``_summary.json``;
 3. ``--resume``: the driver lists the part names (not their rows); each decode task reads the
@@ -44,7 +45,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.read import filesystem, is_uri
+from pipeline.read import filesystem
 from pipeline.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,17 @@ EXAMPLES = 5  # example paths kept per error kind
 
 class OutputError(ValueError):
     """The output directory cannot be used as asked; the message says what to do."""
+
+
+class WriteFailure(RuntimeError):
+    """A file of the output could not be written (a full disk, no permission, a refused
+    upload): the run stops, as every later file would fail alike, and what was committed
+    stays for ``--resume``. One line (the driver rebuilds it from the actor's traceback)."""
+
+    @classmethod
+    def of(cls, what: str, where: str, error: OSError) -> WriteFailure:
+        return cls(f"cannot write {what} in '{where}': {' '.join(str(error).split())}. Rows "
+                   "already written are kept: fix that, then run again with --resume")
 
 
 def output_schema(spec: ModelSpec, logits: bool = False) -> pa.Schema:
@@ -193,6 +205,15 @@ class PartWriter:
         return records
 
 
+def discard(fs: pafs.FileSystem, path: str) -> None:
+    """Delete a temporary a failed write left, if it can: a full disk gets its space back;
+    what stays is removed by the next run (:meth:`OutputDir.remove_temporaries`)."""
+    try:
+        fs.delete_file(path)
+    except OSError:
+        pass
+
+
 def unit_ranges(units: np.ndarray) -> list[list[int]]:
     """Sorted listing indices as [lo, hi) runs: a block's usually one."""
     u = np.unique(units)
@@ -231,11 +252,13 @@ class OutputDir:
         return sorted(
             e.base_name for e in self.entries()
             if e.base_name.startswith(PART_PREFIX) and e.base_name.endswith(".parquet")
+            and e.type == pafs.FileType.File
         )
 
     def has_results(self) -> bool:
-        return any(e.base_name.startswith(PART_PREFIX) or e.base_name in OURS
-                   for e in self.entries())
+        """Whether rows were committed here. A run that failed before its first part leaves
+        its listing and manifest; a plain run may replace them."""
+        return bool(self.parts())
 
     def clear(self) -> None:
         """Delete our own files (parts, manifest, summary, report, listing, temporaries);
@@ -302,18 +325,27 @@ class OutputDir:
         self._atomically(name, lambda f: f.write(data))
 
     def _atomically(self, name: str, write) -> None:
-        """``write(stream)`` the file ``name``, so that it appears whole or not at all."""
-        self.fs.create_dir(self.root, recursive=True)
-        if is_uri(self.uri):  # an object store's object appears whole, when its upload ends
-            with self.fs.open_output_stream(self._path(name)) as f:
-                write(f)
-            return
+        """``write(stream)`` the file ``name``, so that it appears whole or not at all: under
+        a temporary name first, then renamed. On an object store too, where the rename is a
+        copy: pyarrow completes an upload that an exception cut short (apache/arrow#40502,
+        seen here on pyarrow 26 for a single PUT and a multipart upload alike), so a partial
+        object must never have a part's name."""
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+        except OSError as e:
+            raise WriteFailure.of(name, self.uri, e) from e
         # Not ending in .parquet: DuckDB's 'dir/*.parquet' skips no '_' names, and would trip
         # on a half-written temporary left by a killed writer.
         tmp = self._path(f"{TEMPORARY}{name}.{uuid.uuid4().hex}")
-        with self.fs.open_output_stream(tmp) as f:
-            write(f)
-        self.fs.move(tmp, self._path(name))
+        try:
+            with self.fs.open_output_stream(tmp, compression=None) as f:
+                write(f)
+            self.fs.move(tmp, self._path(name))
+        except BaseException as e:
+            discard(self.fs, tmp)
+            if isinstance(e, OSError):
+                raise WriteFailure.of(name, self.uri, e) from e
+            raise
 
     def commit_table(self, name: str, table: pa.Table) -> None:
         # Dictionary encoding only where values repeat (status, kinds, labels, the model):

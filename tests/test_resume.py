@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import poison_model
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,7 +30,7 @@ from pipeline.config import RunConfig
 from pipeline.digits import write_samples
 from pipeline.model import load_model
 from pipeline.source import Source
-from pipeline.write import OutputDir, OutputError
+from pipeline.write import OutputDir, OutputError, WriteFailure, part_name
 
 IMAGES = 200
 BATCH = 8
@@ -178,20 +179,65 @@ def test_resume_refusal_through_the_cli(tmp_path):
 
 
 def test_half_written_part_is_never_read_and_is_cleaned_up(tmp_path):
-    """A part whose rename never happened (the driver died, or the rename failed) stays a
-    ``_tmp-`` file that no reader picks up, and the next writer removes it."""
+    """A part whose rename never happened (its writer was killed) stays a ``_tmp-`` file that
+    no reader picks up, and the next run removes it; a write that fails cleans up itself."""
     out_dir = tmp_path / "out"
     out = OutputDir(str(out_dir))
     table = pa.table({"path": ["a.png", "b.png"]})
     out.commit_table("part-00000-aaaa.parquet", table)
     blocker = out_dir / "part-00001-aaaa.parquet"
-    blocker.mkdir()  # the rename onto it fails, as a crash before the rename would leave it
+    blocker.mkdir()  # the rename onto it fails
     (blocker / "x").touch()
-    with pytest.raises(OSError):
+    with pytest.raises(WriteFailure, match=r"cannot write part-00001-aaaa.parquet in '.*out'"):
         out.commit_table("part-00001-aaaa.parquet", table)
+    assert not list(out_dir.glob("_tmp-*"))  # the failed write removed its temporary
+    assert out.parts() == ["part-00000-aaaa.parquet"]  # a directory is no part
     shutil.rmtree(blocker)
-    (leftover,) = out_dir.glob("_tmp-*")
-    assert not leftover.name.endswith(".parquet")
+    killed = out_dir / "_tmp-part-00001-aaaa.parquet.0c3c"  # what a killed writer leaves
+    pq.write_table(table.slice(0, 1), killed)
     assert committed_rows(out_dir) == ["a.png", "b.png"]
     out.remove_temporaries()  # what a run does once its writers are done
-    assert not leftover.exists()
+    assert not killed.exists()
+
+
+def test_a_part_that_cannot_be_written_stops_the_run_and_resume_finishes_it(
+        ray_local, tmp_path, capsys):
+    """A write that fails in an actor (a full disk, a refused upload; here a directory where
+    the part must go) ends the run with one line, exit 1; the rows written stay, and so do
+    the listing and manifest, whatever the actors still had in hand, so --resume finishes."""
+    from pipeline.cli import main
+
+    src = tmp_path / "in"
+    write_samples(src, 12, seed=5)
+    paths = sorted(str(p) for p in src.rglob("*.*"))
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    out = tmp_path / "out"
+    blocked = out / part_name(np.array([7]), [paths[7]])  # one row a part: its name is known
+    (blocked / "x").mkdir(parents=True)
+    args = ["run", "--input", str(listing), "--input-list", "--output", str(out),
+            "--rows-per-file", "1", "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"batch-infer: run failed: cannot write {blocked.name} in '{out}'")
+    assert err[-1].endswith("Rows already written are kept: fix that, then run again with "
+                            "--resume"), err[-1]
+    assert (out / "_manifest.json").exists() and (out / "_listing.arrow").exists()
+    shutil.rmtree(blocked)
+    written = committed_rows(out)
+    assert paths[7] not in written and len(written) < 12
+    assert main([*args, "--resume"]) == 0
+    assert sorted(committed_rows(out)) == paths
+
+
+def test_a_plan_the_cluster_cannot_run_leaves_no_trace(ray_local, tmp_path):
+    """Refused before any actor starts: the output directory is not left behind, so the
+    corrected command runs as it is (it said 'already holds results')."""
+    from pipeline.plan import PlanError
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_samples(src, 6, seed=2)
+    with pytest.raises(PlanError, match="no node of the cluster has 1 GPU"):
+        pipeline.run(str(src), str(out), gpus_per_actor=1)
+    assert not out.exists()
+    assert pipeline.run(str(src), str(out)).rows_ok == 6
