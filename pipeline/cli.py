@@ -338,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     except RUN_ERRORS as e:  # the run started and could not finish
         print(f"batch-infer: run failed: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of every thread it cut
+        rest = (": rows already written are kept; run again with --resume to finish"
+                if args.command == "run" else "")
+        print(f"\nbatch-infer: interrupted{rest}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

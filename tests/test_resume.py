@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import duckdb
@@ -241,3 +243,28 @@ def test_a_plan_the_cluster_cannot_run_leaves_no_trace(ray_local, tmp_path):
         pipeline.run(str(src), str(out), gpus_per_actor=1)
     assert not out.exists()
     assert pipeline.run(str(src), str(out)).rows_ok == 6
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_one_line_and_resume_finishes(tmp_path):
+    """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) mid-run: exit
+    130 with one line instead of every cut thread's traceback; --resume does the rest."""
+    src, out = tmp_path / "images", tmp_path / "out"
+    write_samples(src, IMAGES, seed=6)
+    options = poison_model.write_options(tmp_path / "model.json", delay=0.3)
+    run = ["run", "--input", src, "--output", out, "--model-fn", "poison_model:build",
+           "--model", options, "--batch-size", BATCH, "--rows-per-file", 16, "--actors", 1,
+           "--no-progress"]
+    driver = Driver(run)
+    driver.wait_until(lambda: list(out.glob("part-*.parquet")), "a part file")
+    os.killpg(driver.proc.pid, signal.SIGINT)
+    result = driver.wait(120)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        "batch-infer: interrupted: rows already written are kept; run again with --resume to "
+        "finish"], result.stderr[-3000:]
+    done = committed_rows(out)
+    assert 0 < len(done) < IMAGES
+    result = Driver([*run, "--resume"]).wait()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(committed_rows(out)) == sorted(str(p) for p in src.rglob("*.*"))
