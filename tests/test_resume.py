@@ -260,9 +260,9 @@ def test_ctrl_c_stops_with_one_line_and_resume_finishes(tmp_path):
     os.killpg(driver.proc.pid, signal.SIGINT)
     result = driver.wait(120)
     assert result.returncode == 130, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines() == [
-        "batch-infer: interrupted: rows already written are kept; run again with --resume to "
-        "finish"], result.stderr[-3000:]
+    line = ("batch-infer: interrupted: rows already written are kept; run again with "
+            "--resume to finish")
+    assert result.stderr.strip().splitlines() == [line], result.stderr[-3000:]
     done = committed_rows(out)
     assert 0 < len(done) < IMAGES
     result = Driver([*run, "--resume"]).wait()
