@@ -73,6 +73,8 @@ class RunConfig:
             problems.append(f"top_k must be at least 1, got {self.top_k}")
         if self.rows_per_file < 1:
             problems.append(f"rows_per_file must be at least 1, got {self.rows_per_file}")
+        if self.max_pixels < 1:  # else every image would be an error row
+            problems.append(f"max_pixels must be at least 1, got {self.max_pixels}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             problems.append(
                 f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")

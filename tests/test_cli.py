@@ -29,6 +29,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--input", "{samples}", "--output", "{tmp}/o", "--model", "{tmp}/badmodel"], "Unreadable model"),
         (["--input", "{samples}", "--output", "{tmp}/full"], "already holds results; pass --overwrite"),
         (["--input", "{samples}", "--output", "{tmp}/o", "--batch-size", "0"], "batch_size must be"),
+        (["--input", "{samples}", "--output", "{tmp}/o", "--max-pixels", "-1"], "max_pixels must be"),
         (["--input", "{samples}", "--output", "{tmp}/o", "--model-fn", "nosuch.module:build"],
          "cannot be imported"),
     ],
