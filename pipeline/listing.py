@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.read import filesystem, is_image_name, is_uri
-from pipeline.write import LISTING, TEMPORARY, WriteFailure, discard
+from pipeline.write import LISTING, TEMPORARY, OutputError, discard
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ class ListingFile:
         except BaseException as e:
             discard(fs, f"{root}/{name}")
             if isinstance(e, OSError):  # reading the inputs raises InputError instead
-                raise WriteFailure.of("the input listing", directory, e) from e
+                why = " ".join(str(e).split())
+                raise OutputError(f"Cannot write to output '{directory}': {why}.") from e
             raise
         return cls(f"{directory.rstrip('/')}/{name}", count, digest.hexdigest(), largest)
 

@@ -30,6 +30,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--input", "{samples}", "--output", "{tmp}/full"], "already holds results; pass --overwrite"),
         (["--input", "{samples}", "--output", "{tmp}/o", "--batch-size", "0"], "batch_size must be"),
         (["--input", "{samples}", "--output", "{tmp}/o", "--max-pixels", "-1"], "max_pixels must be"),
+        (["--input", "{samples}", "--output", "{tmp}/afile/o"], "Not a directory"),
         (["--input", "{samples}", "--output", "{tmp}/o", "--model-fn", "nosuch.module:build"],
          "cannot be imported"),
     ],
@@ -42,6 +43,7 @@ def test_bad_invocations_exit_2_with_one_line(args, message, tmp_path, sample_di
     (tmp_path / "badmodel" / "model.json").write_text("{not json")
     (tmp_path / "badmodel" / "weights.npz").write_bytes(b"")
     (tmp_path / "full").mkdir()
+    (tmp_path / "afile").write_text("a file where the output's parent should be")
     (tmp_path / "full" / "part-00000-x.parquet").write_bytes(b"")
     argv = [a.format(tmp=tmp_path, samples=sample_dir) for a in args]
     code = main(["run", *argv])
