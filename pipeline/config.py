@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 from pipeline.decode import DEFAULT_MAX_PIXELS
@@ -14,6 +16,13 @@ PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
 
 class ConfigError(ValueError):
     """An option value is out of range; the message names it."""
+
+
+def absolute_path(path: str) -> str:
+    """``path`` made absolute, unless it is a URI (``s3://``, ``file://``)."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +54,17 @@ class RunConfig:
     image_column: str = "image"  # parquet: the encoded-image column
     id_column: str = "id"  # parquet: the unique id column; row path = <file>/<id>
     progress: bool | None = None  # False: no status line (batch-infer run, the Ray Job)
+
+    def resolved(self) -> RunConfig:
+        """This config with its local paths absolute (``~`` expanded). Ray's workers resolve a
+        relative path against their own directory, which is the driver's only in a Ray the
+        driver started: joining a ``ray start`` head, 'out/_listing.arrow' was looked for
+        in '/'."""
+        model = self.model  # a factory may take a name: only a path found here is a path
+        if model and os.path.exists(os.path.expanduser(model)):
+            model = absolute_path(model)
+        return dataclasses.replace(self, input=absolute_path(self.input),
+                                   output=absolute_path(self.output), model=model)
 
     @property
     def actor_platform(self) -> str:

@@ -82,6 +82,7 @@ def run(input: str, output: str, **options: Any) -> Summary:
 
 def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
     """Run ``cfg``, telling ``observer`` how it goes."""
+    cfg = cfg.resolved()
     observer = observer or Observer()
     start = time.perf_counter()
     summary = Summary(output=cfg.output, model="", input=cfg.input,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from pipeline.config import absolute_path
 from pipeline.decode import decode_payloads, decode_rows
 from pipeline.input_lists import listed_paths
 from pipeline.listing import Entry, InputError, ListingFile, Walk
@@ -61,7 +62,8 @@ class Source:
         temporary listing file in directory ``into``; InputError when there are none."""
         if self.input_list:
             skipped: Counter[str] = Counter()
-            listing = ListingFile.write(into, self._checked(listed_paths(src, skipped)))
+            listed = ((absolute_path(p), size) for p, size in listed_paths(src, skipped))
+            listing = ListingFile.write(into, self._checked(listed))
             if not listing.count:
                 left_out = "".join(f"; {n:,} {why}" for why, n in skipped.items())
                 raise InputError(f"Listing file '{src}' lists no inputs{left_out}.")

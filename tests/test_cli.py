@@ -101,3 +101,19 @@ def test_sample_data_layout(tmp_path):
     files = sorted((tmp_path / "s").rglob("*.*"))
     assert len(files) == 12
     assert all(f.parent.name.isdigit() and f.suffix in (".png", ".jpg") for f in files)
+
+
+def test_local_paths_reach_the_workers_absolute(tmp_path, monkeypatch):
+    """Ray's workers may run in another directory (a joined head): a relative path is
+    resolved where the command runs; URIs, and a model name a factory takes, stay as given."""
+    from pipeline.config import RunConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    cfg = RunConfig(input="imgs/**/*.png", output="out", model="ckpt").resolved()
+    assert (cfg.input, cfg.output, cfg.model) == (
+        f"{tmp_path}/imgs/**/*.png", f"{tmp_path}/out", f"{tmp_path}/ckpt")
+    kept = RunConfig(input="s3://b/in", output="file:///x/out", model="resnet-tiny").resolved()
+    assert (kept.input, kept.output, kept.model) == ("s3://b/in", "file:///x/out", "resnet-tiny")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert RunConfig(input="~/imgs", output="o").resolved().input == f"{tmp_path}/imgs"

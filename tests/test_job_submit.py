@@ -36,7 +36,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A Ray head with its dashboard on 127.0.0.1; yields (dashboard URL, client env)."""
+    """A Ray head with its dashboard on 127.0.0.1, started in another directory than the
+    tests'; yields (dashboard URL, client env: RAY_ADDRESS is the head's GCS)."""
     pytest.importorskip("aiohttp", reason="the Ray Jobs server needs ray[default]")
     tmp = tmp_path_factory.mktemp("head")
     env = dict(os.environ)
@@ -49,10 +50,10 @@ def ray_head(tmp_path_factory):
         # On SIGTERM a head first drains for 30 s; nothing here needs draining.
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
     )
-    dashboard = _free_port()
+    dashboard, gcs = _free_port(), _free_port()
     cmd = [
         *RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}",
         f"--dashboard-agent-listen-port={_free_port()}",
         f"--dashboard-agent-grpc-port={_free_port()}",
         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
@@ -61,11 +62,11 @@ def ray_head(tmp_path_factory):
     url = f"http://127.0.0.1:{dashboard}"
     with open(tmp / "head.log", "wb") as log:
         head = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
         )
         try:
             _wait_for_dashboard(url, head, tmp / "head.log")
-            yield url, env
+            yield url, {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
         finally:
             _stop(head)
 
@@ -154,3 +155,25 @@ def test_job_with_bad_input_fails_with_one_line(ray_head, tmp_path):
     logs = _ray_job(env, "logs", "--address", url, job_id).stdout
     assert f"batch_infer job: error: Input '{missing}' does not exist." in logs
     assert "Traceback" not in logs
+
+
+def test_a_run_that_joins_a_head_reads_and_writes_its_relative_paths(ray_head, tmp_path):
+    """`batch-infer run` from a shell in one directory, joining a head started in another
+    (RAY_ADDRESS): the head's workers resolve paths against their own directory, so relative
+    paths must reach them absolute (they looked for 'out/_listing.arrow' under the head's)."""
+    _, env = ray_head
+    from pipeline.digits import write_samples
+
+    write_samples(tmp_path / "images", 12, seed=7)
+    listed = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "images").rglob("*.*"))
+    (tmp_path / "inputs.txt").write_text("\n".join(listed[:4]) + "\n")  # relative entries
+    for args, out, n in [(["--input", "images"], "out", 12),
+                         (["--input", "inputs.txt", "--input-list"], "listed", 4)]:
+        run = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "run", *args, "--output", out,
+             "--no-progress"], env=env, cwd=tmp_path, capture_output=True, text=True,
+            timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows = pq.read_table(tmp_path / out).to_pylist()
+        assert len(rows) == n and {r["status"] for r in rows} == {"ok"}
+        assert all(r["path"].startswith(f"{tmp_path}/images/") for r in rows)
