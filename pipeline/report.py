@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from pipeline.write import REPORT, SUMMARY, OutputDir, OutputError
+from pipeline.write import MANIFEST, REPORT, SUMMARY, OutputDir, OutputError
 
 # kind -> (whose fault, what it means). "data": the input file itself, the user fixes the file;
 # "system": the model or the pipeline, the user fixes the model or reports a bug. Telling the
@@ -63,11 +64,29 @@ def load_summary(output: str) -> dict[str, Any]:
     except ValueError as e:  # JSONDecodeError
         raise OutputError(f"'{where}' is not valid JSON: {e}.") from e
     if summary is None:
-        raise OutputError(f"No run summary at '{where}': not a batch-infer output directory, "
-                          "or its run has not finished.")
+        raise OutputError(_unfinished(output) or f"No run summary at '{where}': not a "
+                          "batch-infer output directory.")
     if not isinstance(summary, dict):
         raise OutputError(f"'{where}' holds {type(summary).__name__}, not a run summary.")
     return summary
+
+
+def _unfinished(output: str) -> str | None:
+    """What a run that has a manifest but no summary got done (it failed, was stopped, or is
+    still running), from its part files' footers; None when there is no manifest."""
+    out = OutputDir(output)
+    try:
+        manifest = out.read_json(MANIFEST)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    parts = out.parts()
+    rows = sum(pq.read_metadata(f"{out.root}/{p}", filesystem=out.fs).num_rows for p in parts)
+    files = f"{len(parts):,} part file" + "s" * (len(parts) != 1)
+    return (f"The run in '{output}' has not finished (it failed or was stopped, or is still "
+            f"running): {rows:,} rows committed in {files}, of {manifest.get('inputs', 0):,} "
+            "inputs listed. Finish it with the same command and --resume.")
 
 
 def write_report(output: str, summary: dict[str, Any] | None = None) -> str:

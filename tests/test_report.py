@@ -12,11 +12,12 @@ import subprocess
 from html.parser import HTMLParser
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline.cli import main
 from pipeline.report import load_summary, render_html, render_text, throughput, write_report
-from pipeline.write import REPORT, SUMMARY, OutputDir
+from pipeline.write import MANIFEST, REPORT, SUMMARY, OutputDir
 
 EVIL = "/data/images/<script>alert('x')</script>\"onerror=x.png"
 
@@ -237,6 +238,17 @@ def test_write_report_and_cli(tmp_path, capsys):
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1
         assert captured.err.startswith("batch-infer: error: ") and SUMMARY in captured.err
+    # A run with a manifest and parts but no summary: stopped, failed, or still running.
+    unfinished = OutputDir(str(tmp_path / "unfinished"))
+    unfinished.write_json(MANIFEST, {"inputs": 2500})
+    for name, rows in (("part-0000000000-0000001024-aa.parquet", 1024),
+                       ("part-0000002048-0000002050-bb.parquet", 2)):
+        unfinished.commit_table(name, pa.table({"path": [f"/img/{i}.png" for i in range(rows)]}))
+    assert main(["report", unfinished.uri]) == 2
+    assert capsys.readouterr().err == (
+        f"batch-infer: error: The run in '{unfinished.uri}' has not finished (it failed or was "
+        "stopped, or is still running): 1,026 rows committed in 2 part files, of 2,500 inputs "
+        "listed. Finish it with the same command and --resume.\n")
 
 
 def _chromium() -> str:
