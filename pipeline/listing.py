@@ -188,8 +188,10 @@ class ListingFile:
                             kept.add(path)
                         yield path, size
 
-        unique = ListingFile._write(directory, first_places(), lambda _: None)
-        self.discard()
+        try:
+            unique = ListingFile._write(directory, first_places(), lambda _: None)
+        finally:
+            self.discard()
         if repeats:
             log.warning("%d input(s) listed more than once: each is read once", repeats)
         return unique.with_skipped({"listed more than once": repeats} if repeats else {})
