@@ -109,7 +109,12 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
         raise
     listing = listing.moved(cfg.output)
     committed = out.parts()
-    resumed = out.tally(committed) if committed else Tally()
+    resumed, unreadable = out.tally(committed) if committed else (Tally(), [])
+    for name in unreadable:  # a truncated or damaged file: its rows are computed again
+        note = f"part {name} cannot be read: renamed {out.set_aside(name)}; its rows are redone"
+        log.warning("%s", note)
+        observer.event(note)
+    committed = [name for name in committed if name not in unreadable]
     log.info("%d %s listed (%d rows already done), model %s", listing.count,
              cfg.input_format, resumed.ok + resumed.error, fingerprint)
     summary.model, summary.model_name = fingerprint, model.name

@@ -56,6 +56,9 @@ REPORT = "_report.html"
 LISTING = "_listing.arrow"
 PART_PREFIX = "part-"
 TEMPORARY = "_tmp-"
+# A part --resume could not read is renamed _<part>.unreadable (its rows are redone): pyarrow
+# skips '_' names, DuckDB's '*.parquet' glob skips the suffix.
+UNREADABLE = ".unreadable"
 OURS = (MANIFEST, SUMMARY, REPORT, LISTING)
 _PART = re.compile(r"part-(\d+)-(\d+)-[0-9a-f]+\.parquet$")
 EXAMPLES = 5  # example paths kept per error kind
@@ -261,10 +264,12 @@ class OutputDir:
         return bool(self.parts())
 
     def clear(self) -> None:
-        """Delete our own files (parts, manifest, summary, report, listing, temporaries);
-        leave anything else."""
+        """Delete our own files (parts, manifest, summary, report, listing, temporaries,
+        unreadable parts set aside); leave anything else."""
         for e in self.entries():
-            if e.base_name.startswith((PART_PREFIX, TEMPORARY)) or e.base_name in OURS:
+            if (e.base_name.startswith((PART_PREFIX, TEMPORARY)) or e.base_name in OURS
+                    or e.base_name.startswith(f"_{PART_PREFIX}")
+                    and e.base_name.endswith(UNREADABLE)):
                 try:
                     self.fs.delete_file(e.path)
                 except FileNotFoundError:  # gone meanwhile: what we wanted
@@ -301,13 +306,18 @@ class OutputDir:
             done.update(table.column("path").to_pylist())
         return done
 
-    def tally(self, names: list[str], threads: int = 16) -> Tally:
-        """Rows by status and error kind in these parts (read in parallel, a few columns)."""
-        total = Tally()
+    def tally(self, names: list[str], threads: int = 16) -> tuple[Tally, list[str]]:
+        """Rows by status and error kind in these parts (read in parallel, a few columns),
+        and the names of those that cannot be read."""
+        total, unreadable = Tally(), []
 
-        def one(name: str) -> Tally:
-            table = pq.read_table(self._path(name), filesystem=self.fs,
-                                  columns=["path", "status", "error_kind"])
+        def one(name: str) -> Tally | None:
+            try:
+                table = pq.read_table(self._path(name), filesystem=self.fs,
+                                      columns=["path", "status", "error_kind"])
+            except (OSError, pa.ArrowInvalid) as e:
+                log.warning("Part '%s' cannot be read: %s", name, e)
+                return None
             status = np.asarray(table.column("status").to_pylist(), dtype=object)
             t = Tally(ok=int((status == "ok").sum()), error=int((status != "ok").sum()))
             bad = np.flatnonzero(status != "ok")
@@ -317,9 +327,19 @@ class OutputDir:
             return t
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            for t in pool.map(one, names):
-                total.merge(t)
-        return total
+            for name, t in zip(names, pool.map(one, names)):
+                if t is None:
+                    unreadable.append(name)
+                else:
+                    total.merge(t)
+        return total, unreadable
+
+    def set_aside(self, name: str) -> str:
+        """Rename part ``name`` to ``_<name>.unreadable``, which readers and runs skip and
+        which keeps its bytes for a look; returns the new name."""
+        aside = f"_{name}{UNREADABLE}"
+        self.fs.move(self._path(name), self._path(aside))
+        return aside
 
     def _atomic_write(self, name: str, data: bytes) -> None:
         self._atomically(name, lambda f: f.write(data))

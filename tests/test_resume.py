@@ -268,3 +268,21 @@ def test_ctrl_c_stops_with_one_line_and_resume_finishes(tmp_path):
     result = Driver([*run, "--resume"]).wait()
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(committed_rows(out)) == sorted(str(p) for p in src.rglob("*.*"))
+
+
+def test_an_unreadable_part_is_set_aside_and_its_rows_redone(ray_local, tmp_path):
+    """A part cut short (a disk error, a copy gone wrong, a partial upload of an older
+    version): --resume renames it where no reader looks and computes its rows again, instead
+    of failing on Parquet's 'magic bytes not found'."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_samples(src, 40, seed=8)
+    pipeline.run(str(src), str(out), rows_per_file=16)
+    damaged = sorted(out.glob("part-*.parquet"))[1]
+    rows = pq.read_metadata(damaged).num_rows
+    damaged.write_bytes(damaged.read_bytes()[:-200])
+    again = pipeline.run(str(src), str(out), rows_per_file=16, resume=True)
+    assert again.rows_resumed == 40 - rows and again.rows_ok == 40
+    assert sorted(committed_rows(out)) == sorted(str(p) for p in src.rglob("*.*"))
+    assert (out / f"_{damaged.name}.unreadable").exists()  # kept for a look, read by no one
+    pipeline.run(str(src), str(out), overwrite=True)
+    assert not list(out.glob("*.unreadable"))
