@@ -33,7 +33,7 @@ def prepare(out: OutputDir, cfg: RunConfig, listing: ListingFile, model: Model,
         "compute_dtype": cfg.compute_dtype,
         "source": source.describe(),
     }
-    before = out.read_json(MANIFEST) if cfg.resume else None
+    before = _manifest_before(out, cfg.output) if cfg.resume else None
     if before is not None:
         check_resumable(cfg.output, before, manifest)
         if before["model"] != identity.fingerprint:  # same model under another JAX
@@ -45,6 +45,24 @@ def prepare(out: OutputDir, cfg: RunConfig, listing: ListingFile, model: Model,
             manifest["model_identity"] = before["model_identity"]
     out.write_json(MANIFEST, manifest)
     return manifest["model"]
+
+
+def _manifest_before(out: OutputDir, output: str) -> dict | None:
+    """The manifest a --resume continues; None for a fresh start. Parts without a readable
+    manifest are refused: what made their rows is unknown, so they could be mixed in."""
+    try:
+        before = out.read_json(MANIFEST)
+    except ValueError as e:  # JSONDecodeError
+        before, why = None, f"its {MANIFEST} is not valid JSON ({e})"
+    else:
+        why = (f"its {MANIFEST} holds no manifest" if before is not None
+               else f"it holds part files but no {MANIFEST}")
+    if isinstance(before, dict):
+        return before
+    if out.parts() or before is not None:
+        raise OutputError(f"Cannot resume into '{output}': {why}, so what made its rows is "
+                          "unknown. Use --overwrite to start again.")
+    return None
 
 
 def check_resumable(output: str, before: dict, now: dict) -> None:

@@ -153,6 +153,15 @@ def test_resume_refuses_another_model_listing_or_options(ray_local, tmp_path):
     shutil.copy(next(src.rglob("*.png")), src / "new.png")
     with pytest.raises(OutputError, match=r"input listing changed .*6 inputs then, 7 now"):
         pipeline.run(str(src), str(out), resume=True)
+    (src / "new.png").unlink()
+    manifest = (out / "_manifest.json").read_text()
+    # Parts whose manifest is damaged or gone: what made them is unknown, so not mixed in.
+    for damage, why in ((lambda m: m.write_text(manifest[:40]), "is not valid JSON"),
+                        (lambda m: m.write_text("[]"), "holds no manifest"),
+                        (lambda m: m.unlink(), "holds part files but no _manifest.json")):
+        damage(out / "_manifest.json")
+        with pytest.raises(OutputError, match=f"Cannot resume into '{out}': .*{why}.*--overwrite"):
+            pipeline.run(str(src), str(out), resume=True)
     assert pq.read_table(out).num_rows == 6  # refused before touching anything
 
 
