@@ -79,6 +79,7 @@ class Walk:
     def __init__(self, src: str, accept: Callable[[str], bool], a_kind: str, kinds: str):
         self.src, self.accept, self.a_kind, self.kinds = src, accept, a_kind, kinds
         self.skipped: Counter[str] = Counter()
+        self.left: Counter[str] = Counter()  # extensions of the files not taken
         self.found = 0
         self.taken = 0
 
@@ -92,15 +93,20 @@ class Walk:
             if single or self.accept(path):
                 self.taken += 1
                 yield path, size
+            else:
+                self.left[_extension(path)] += 1
 
     def skipped_or_fail(self) -> dict[str, int]:
         """What was skipped, once the walk is done; InputError when nothing was taken."""
         if self.found > self.taken:
             self.skipped[f"not {self.a_kind} extension"] += self.found - self.taken
         if not self.taken:
-            what = (f"{self.found} files, none with {self.a_kind} extension" if self.found
-                    else "no files")
-            raise InputError(f"Input '{self.src}' holds no {self.kinds} ({what}).")
+            if not self.found:
+                raise InputError(f"Input '{self.src}' holds no {self.kinds} (no files).")
+            seen = ", ".join(f"{n} {ext or 'without one'}" for ext, n in self.left.most_common(3))
+            raise InputError(
+                f"Input '{self.src}' holds no {self.kinds} ({self.found} files, none with "
+                f"{self.a_kind} extension: {seen}). {_hint(self.kinds, self.left)}")
         return dict(self.skipped)
 
 
@@ -228,6 +234,24 @@ class ListingFile:
         both = Counter(self.skipped)
         both.update(skipped)
         return ListingFile(self.uri, self.count, self.sha256, self.largest, dict(both))
+
+
+def _extension(path: str) -> str:
+    name = path.rsplit("/", 1)[-1].lower()
+    if name.endswith(".tar.gz"):
+        return ".tar.gz"
+    return os.path.splitext(name)[1]
+
+
+def _hint(kinds: str, extensions: Counter) -> str:
+    """What to pass to read the files a walk of ``kinds`` left out."""
+    if kinds != "images" and any(is_image_name(f"x{ext}") for ext in extensions):
+        return "Image files? Leave out --input-format (images is the default)."
+    if kinds != "tar shards" and extensions.keys() & {".tar", ".tar.gz", ".tgz"}:
+        return "Tar shards? Pass --input-format tar."
+    if kinds != "Parquet files" and ".parquet" in extensions:
+        return "Parquet files of images? Pass --input-format parquet."
+    return "To read files whatever their names, list them in a file and pass --input-list."
 
 
 # --- walking ---------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     [
         (["--input", "{tmp}/missing", "--output", "{tmp}/o"], "does not exist"),
         (["--input", "{tmp}/empty", "--output", "{tmp}/o"], "holds no images"),
-        (["--input", "{tmp}/textonly", "--output", "{tmp}/o"], "none with an image extension"),
+        (["--input", "{tmp}/textonly", "--output", "{tmp}/o"],
+         "none with an image extension: 1 .txt). To read files whatever their names"),
         (["--input", "{samples}", "--output", "{tmp}/o", "--model", "{tmp}/nomodel"], "No model at"),
         (["--input", "{samples}", "--output", "{tmp}/o", "--model", "{tmp}/badmodel"], "Unreadable model"),
         (["--input", "{samples}", "--output", "{tmp}/full"], "already holds results; pass --overwrite"),

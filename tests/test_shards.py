@@ -345,7 +345,9 @@ def test_parquet_files_through_the_cli(ray_local, sample_dir, tmp_path, capsys):
 
 
 def test_wrong_format_says_what_it_found(ray_local, tar_shards, tmp_path):
-    found = r"holds no images \(5 files, none with an image extension\)"
+    found = (r"holds no images \(5 files, none with an image extension: 3 \.tar, 1 \.txt, "
+             r"1 \.tar\.gz\)\. "
+             r"Tar shards\? Pass --input-format tar\.")
     with pytest.raises(InputError, match=found):
         pipeline.run(str(tar_shards), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "_manifest.json")
