@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -19,7 +20,7 @@ from pipeline.config import absolute_path
 from pipeline.decode import decode_payloads, decode_rows
 from pipeline.input_lists import listed_paths
 from pipeline.listing import Entry, InputError, ListingFile, Walk
-from pipeline.read import fetch_all, filesystem, is_image_name, load_bytes
+from pipeline.read import fetch_all, filesystem, is_image_name, is_uri, load_bytes
 from pipeline.shards import (
     Payload,
     ShardError,
@@ -31,6 +32,19 @@ from pipeline.shards import (
 from pipeline.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+
+_LISTS = (".txt", ".csv", ".parquet", ".orc", ".json")
+
+
+def _is_a_list(src: str) -> bool:
+    """Whether ``src`` names one file of a kind --input-list reads (plain or compressed)."""
+    name = src.lower().rstrip("/")
+    for ext in (".gz", ".bz2", ".zst"):
+        name = name.removesuffix(ext)
+    if not name.endswith(_LISTS) or any(c in src for c in "*?["):
+        return False
+    return is_uri(src) or os.path.isfile(src.removeprefix("file://"))
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,11 @@ class Source:
                 left_out = "".join(f"; {n:,} {why}" for why, n in skipped.items())
                 raise InputError(f"Listing file '{src}' lists no inputs{left_out}.")
             return listing.with_skipped(dict(skipped))
+        if self.format == "images" and _is_a_list(src):
+            raise InputError(
+                f"Input '{src}' is a list, not an image: to read the inputs it names, pass "
+                "--input-list" + (" (or --input-format parquet, for Parquet files holding "
+                                  "images)" if ".parquet" in src.lower() else "") + ".")
         accept, a_kind, kinds = {
             "images": (is_image_name, "an image", "images"),
             "tar": (is_tar_name, "a tar shard", "tar shards"),

@@ -32,6 +32,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--input", "{samples}", "--output", "{tmp}/o", "--batch-size", "0"], "batch_size must be"),
         (["--input", "{samples}", "--output", "{tmp}/o", "--max-pixels", "-1"], "max_pixels must be"),
         (["--input", "{samples}", "--output", "{tmp}/afile/o"], "Not a directory"),
+        (["--input", "{tmp}/inputs.txt.gz", "--output", "{tmp}/o"],
+         "is a list, not an image: to read the inputs it names, pass --input-list."),
         (["--input", "{samples}", "--output", "{tmp}/o", "--model-fn", "nosuch.module:build"],
          "cannot be imported"),
     ],
@@ -45,6 +47,7 @@ def test_bad_invocations_exit_2_with_one_line(args, message, tmp_path, sample_di
     (tmp_path / "badmodel" / "weights.npz").write_bytes(b"")
     (tmp_path / "full").mkdir()
     (tmp_path / "afile").write_text("a file where the output's parent should be")
+    (tmp_path / "inputs.txt.gz").write_bytes(b"")
     (tmp_path / "full" / "part-00000-x.parquet").write_bytes(b"")
     argv = [a.format(tmp=tmp_path, samples=sample_dir) for a in args]
     code = main(["run", *argv])
