@@ -1,28 +1,22 @@
 """List stage: what a run reads, written once to ``_listing.arrow`` beside the output.
 
 Inputs are a local directory (recursive), a single file, a glob, the same on any filesystem
-pyarrow knows by URI (``s3://bucket/prefix``), or an *input list* (``--input-list``: a text,
-CSV, Parquet or ORC list of paths, or an S3 Inventory report; read by
-:mod:`pipeline.input_lists`).
+pyarrow knows by URI (``s3://bucket/prefix``), all found by :mod:`pipeline.walk`, or an *input
+list* (``--input-list``: a text, CSV, Parquet or ORC list of paths, or an S3 Inventory
+report; read by :mod:`pipeline.input_lists`).
 
-The driver never holds the listing: a local directory is walked one directory at a time
-(sorted names: the order is the same on every run), and each path is appended to an Arrow IPC
-file in the output directory as it is found, with its size where the listing knows it (an S3
-object can then be read without a HEAD request). Decode tasks read their own slice of that
-file by row number; the run's manifest keeps its row count and sha256, so ``--resume`` can
-tell whether the input changed. (An object-store listing comes back whole from pyarrow, so it
-is held while it is sorted; list tens of millions of objects with a listing file instead.)
+The driver never holds the listing: each path is appended to an Arrow IPC file in the output
+directory as it is found, with its size where the listing knows it (an S3 object can then be
+read without a HEAD request), and each path is kept once. Decode tasks read their own slice of
+that file by row number; the run's manifest keeps its row count and sha256, so ``--resume``
+can tell whether the input changed.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import hashlib
 import itertools
 import logging
-import os
-import urllib.parse
 import uuid
 from array import array
 from collections import Counter
@@ -31,14 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
-from pipeline.read import filesystem, is_image_name, is_uri
+from pipeline.read import filesystem
 from pipeline.write import LISTING, TEMPORARY, OutputError, discard
 
 log = logging.getLogger(__name__)
-
-_GLOB_CHARS = "*?["
 
 # Rows per record batch of the listing file: a decode task reads the batches its slice
 # spans, so a small batch wastes little; a big one writes fewer, larger pieces.
@@ -49,65 +40,6 @@ Entry = tuple[str, "int | None"]  # (path, size in bytes where the listing knows
 
 class InputError(ValueError):
     """The input cannot be listed or holds nothing to read; the message names it."""
-
-
-@dataclass(frozen=True)
-class Listing:
-    """Paths found (in listing order) and what was left out: the in-memory form, for tests and
-    small tools; runs use :class:`ListingFile`."""
-
-    paths: list[str]
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
-
-
-def list_images(src: str) -> Listing:
-    """The image files under ``src`` (other extensions are skipped and counted)."""
-    return list_files(src, is_image_name, "an image", "images")
-
-
-def list_files(src: str, accept: Callable[[str], bool], a_kind: str, kinds: str) -> Listing:
-    found = Walk(src, accept, a_kind, kinds)
-    paths = [p for p, _ in found]
-    return Listing(paths, found.skipped_or_fail())
-
-
-class Walk:
-    """Iterate the files under ``src`` that ``accept`` takes, as (path, size), in a stable
-    order; the others are counted in :attr:`skipped` (``a_kind``/``kinds``: "an image" /
-    "images", for messages). A file named explicitly is taken whatever its extension."""
-
-    def __init__(self, src: str, accept: Callable[[str], bool], a_kind: str, kinds: str):
-        self.src, self.accept, self.a_kind, self.kinds = src, accept, a_kind, kinds
-        self.skipped: Counter[str] = Counter()
-        self.left: Counter[str] = Counter()  # extensions of the files not taken
-        self.found = 0
-        self.taken = 0
-
-    def __iter__(self) -> Iterator[Entry]:
-        if is_uri(self.src):
-            entries, single = _list_uri(self.src)
-        else:
-            entries, single = _walk_local(self.src.removeprefix("file://"), self.skipped)
-        for path, size in entries:
-            self.found += 1
-            if single or self.accept(path):
-                self.taken += 1
-                yield path, size
-            else:
-                self.left[_extension(path)] += 1
-
-    def skipped_or_fail(self) -> dict[str, int]:
-        """What was skipped, once the walk is done; InputError when nothing was taken."""
-        if self.found > self.taken:
-            self.skipped[f"not {self.a_kind} extension"] += self.found - self.taken
-        if not self.taken:
-            if not self.found:
-                raise InputError(f"Input '{self.src}' holds no {self.kinds} (no files).")
-            seen = ", ".join(f"{n} {ext or 'without one'}" for ext, n in self.left.most_common(3))
-            raise InputError(
-                f"Input '{self.src}' holds no {self.kinds} ({self.found} files, none with "
-                f"{self.a_kind} extension: {seen}). {_hint(self.kinds, self.left)}")
-        return dict(self.skipped)
 
 
 @dataclass(frozen=True)
@@ -234,103 +166,3 @@ class ListingFile:
         both = Counter(self.skipped)
         both.update(skipped)
         return ListingFile(self.uri, self.count, self.sha256, self.largest, dict(both))
-
-
-def _extension(path: str) -> str:
-    name = path.rsplit("/", 1)[-1].lower()
-    if name.endswith(".tar.gz"):
-        return ".tar.gz"
-    return os.path.splitext(name)[1]
-
-
-def _hint(kinds: str, extensions: Counter) -> str:
-    """What to pass to read the files a walk of ``kinds`` left out."""
-    if kinds != "images" and any(is_image_name(f"x{ext}") for ext in extensions):
-        return "Image files? Leave out --input-format (images is the default)."
-    if kinds != "tar shards" and extensions.keys() & {".tar", ".tar.gz", ".tgz"}:
-        return "Tar shards? Pass --input-format tar."
-    if kinds != "Parquet files" and ".parquet" in extensions:
-        return "Parquet files of images? Pass --input-format parquet."
-    return "To read files whatever their names, list them in a file and pass --input-list."
-
-
-# --- walking ---------------------------------------------------------------------------------
-
-
-def _has_glob(src: str) -> bool:
-    return any(c in src for c in _GLOB_CHARS)
-
-
-def _walk_local(src: str, skipped: Counter) -> tuple[Iterator[Entry], bool]:
-    if _has_glob(src) and not os.path.lexists(src):  # 'photos[2019]' may be a real name
-        found = sorted(p for p in glob.glob(src, recursive=True) if not os.path.isdir(p))
-        return ((_storable(p), None) for p in found), False
-    if os.path.isdir(src):
-        return _walk_dir(src, skipped), False
-    if os.path.lexists(src):
-        return iter([(_storable(src), None)]), True
-    raise InputError(f"Input '{src}' does not exist.")
-
-
-def _walk_dir(src: str, skipped: Counter) -> Iterator[Entry]:
-    """Files under ``src``, one directory at a time: its files (sorted), then its
-    subdirectories (sorted). Memory: the largest directory, not the tree."""
-    seen: set[tuple[int, int]] = set()
-
-    def unlistable(err: OSError) -> None:
-        log.warning("Cannot list directory '%s': %s", err.filename, err.strerror)
-        skipped["directory not readable"] += 1
-
-    for root, dirs, files in os.walk(src, onerror=unlistable, followlinks=True):
-        # Symlinks are followed, so a link to an ancestor would list the same files again
-        # under ever longer paths; each real directory is listed once.
-        try:
-            st = os.stat(root)
-        except OSError as e:
-            unlistable(e)
-            dirs.clear()
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            log.warning("Not listing '%s' again: a symbolic link leads back to it", root)
-            dirs.clear()
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs.sort()
-        for name in sorted(files):
-            yield _storable(os.path.join(root, name)), None
-
-
-def _storable(path: str) -> str:
-    """``path`` as valid UTF-8 for the ``path`` column. A POSIX file name is bytes; one that is
-    not UTF-8 (an old Latin-1 archive) cannot be stored as a string, so it becomes the file's
-    percent-encoded ``file://`` URI (RFC 8089), which :func:`pipeline.read.load_bytes` reads."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:  # os.listdir hands such bytes over as lone surrogates
-        return "file://" + urllib.parse.quote(os.fsencode(os.path.abspath(path)))
-
-
-def _list_uri(src: str) -> tuple[list[Entry], bool]:
-    scheme = src.split("://", 1)[0]
-    pattern = src if _has_glob(src) else None
-    base = src
-    if pattern:
-        cut = min(i for i, c in enumerate(src) if c in _GLOB_CHARS)
-        base = src[: src.rfind("/", 0, cut)]
-    fs, root = filesystem(base)
-    try:
-        info = fs.get_file_info(root)
-        if info.type == pafs.FileType.NotFound:
-            raise InputError(f"Input '{src}' does not exist.")
-        if info.type == pafs.FileType.File:
-            return [(base, info.size)], True
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    except OSError as e:
-        raise InputError(f"Cannot list input '{src}': {e}") from e
-    entries = sorted(
-        (f"{scheme}://{i.path}", i.size) for i in infos if i.type == pafs.FileType.File
-    )
-    if pattern:
-        entries = [e for e in entries if fnmatch.fnmatchcase(e[0], pattern)]
-    return entries, False

@@ -19,7 +19,7 @@ import pyarrow as pa
 from pipeline.config import absolute_path
 from pipeline.decode import decode_payloads, decode_rows
 from pipeline.input_lists import listed_paths
-from pipeline.listing import Entry, InputError, ListingFile, Walk
+from pipeline.listing import Entry, InputError, ListingFile
 from pipeline.read import fetch_all, filesystem, is_image_name, is_uri, load_bytes
 from pipeline.shards import (
     Payload,
@@ -30,6 +30,7 @@ from pipeline.shards import (
     tar_rows,
 )
 from pipeline.spec import ModelSpec
+from pipeline.walk import Walk
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from PIL import Image
 import pipeline
 from pipeline import digits, source
 from pipeline.decode import DecodeError, decode_image
-from pipeline.listing import list_images
 from pipeline.model import load_model
+from pipeline.walk import list_images
 
 OK = "ok"
 BOMB = (r"image holds {} pixels, over the max_pixels limit of 100,000,000 "

@@ -16,8 +16,9 @@ import pipeline
 from pipeline import crash_guard
 from pipeline.digits import write_samples
 from pipeline.input_lists import listed_paths
-from pipeline.listing import InputError, ListingFile, Walk
+from pipeline.listing import InputError, ListingFile
 from pipeline.read import is_image_name
+from pipeline.walk import Walk
 
 
 def test_a_directory_is_walked_in_a_stable_order_one_directory_at_a_time(tmp_path):

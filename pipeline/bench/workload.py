@@ -102,7 +102,7 @@ def _write_digits(directory: Path, count: int, width: int, height: int) -> None:
 
 
 def image_paths(directory: Path) -> list[str]:
-    from pipeline.listing import list_images
+    from pipeline.walk import list_images
 
     return list_images(str(directory)).paths
 
