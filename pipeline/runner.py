@@ -9,6 +9,7 @@ part records the actors send back, so its memory does not grow with the input.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -100,84 +101,88 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
     existed = out.fs.get_file_info(out.root).type.name != "NotFound"
     _check_usable(out, cfg)
     listing = source.list(cfg.input, cfg.output)
-    try:
-        fingerprint = prepare(out, cfg, listing, model, source)
-    except BaseException:
-        listing.discard()
-        if not existed:
-            _remove_if_empty(out)
-        raise
-    listing = listing.moved(cfg.output)
-    committed = out.parts()
-    resumed, unreadable = out.tally(committed) if committed else (Tally(), [])
-    for name in unreadable:  # a truncated or damaged file: its rows are computed again
-        note = f"part {name} cannot be read: renamed {out.set_aside(name)}; its rows are redone"
-        log.warning("%s", note)
-        observer.event(note)
-    committed = [name for name in committed if name not in unreadable]
-    log.info("%d %s listed (%d rows already done), model %s", listing.count,
-             cfg.input_format, resumed.ok + resumed.error, fingerprint)
-    summary.model, summary.model_name = fingerprint, model.name
-    summary.skipped, summary.rows_resumed = listing.skipped, resumed.ok + resumed.error
-
-    from pipeline import dataflow  # import Ray only when there is work
-
-    # Until the actors start, a failure (no Ray, a plan the cluster cannot run) leaves no
-    # trace. After, an actor may still commit the block it holds, so the listing and manifest
-    # stay beside whatever it commits: a rerun with --resume, or a plain one when no part
-    # came, finishes cleanly.
-    started = False
-    try:
-        observer.ray_starting()
-        dataflow.ensure_ray(cfg.address, quiet=observer.quiet)
-        cluster, plan = _plan(cfg, model, listing, source, flops, summary)
-        expected = None if source.sharded else listing.count - summary.rows_resumed
-        observer.started({
-            "input": cfg.input, "inputs": listing.count, "format": cfg.input_format,
-            "skipped": listing.skipped, "resumed": summary.rows_resumed, "expected": expected,
-            "model": fingerprint, "model_name": model.name,
-            "model_shape": "x".join(map(str, model.spec.shape)) + f", {model.spec.output_dim} "
-                           + ("classes" if model.spec.output == "classification" else "dims"),
-            "plan": summary.plan, "output": cfg.output, "session_dir": dataflow.session_dir(),
-        })
-        run_id = uuid.uuid4().hex  # names what the actors' crash guards record in the GCS
-        tally, stats, watch = Tally(), Stats(start), Watch(observer, cluster)
+    with _held(out, cfg, listing, existed):  # one run at a time writes an output
         try:
-            if expected != 0:
-                records = dataflow.execute(cfg, plan, listing, committed, model.spec, source,
-                                           fingerprint, run_id)
-                started = True
-                for batch in records:
-                    stats.add(batch, tally)
-                    watch.records(batch)
-                    if summary.first_result_seconds is None:
-                        summary.first_result_seconds = time.perf_counter() - start
-                    observer.progress(
-                        Progress(stats.rows, expected, tally.error, stats.elapsed()))
-        finally:
-            from pipeline.crash_guard import forget_run
-
-            forget_run(run_id)
-    except Exception as e:
-        if not started and not committed:
-            out.clear()
+            fingerprint = prepare(out, cfg, listing, model, source)
+        except BaseException:
+            listing.discard()
             if not existed:
                 _remove_if_empty(out)
-        ours = our_error(e)
-        if ours is not None:  # one line, not Ray's wrapping of a worker's traceback
-            raise ours from None
-        raise
-    if expected is not None and stats.rows < expected:
-        _write_missing(out, cfg, model, fingerprint, listing, tally, stats)
-    out.remove_temporaries()  # a writer killed mid-part leaves its temporary; none run now
-    resumed.merge(tally)
-    summary.rows_ok, summary.rows_error = resumed.ok, resumed.error
-    summary.errors_by_kind = resumed.by_kind()
-    stats.finish(summary)
-    summary.completed = True
-    out.write_json(SUMMARY, summary.to_json())
-    _write_report(cfg.output, summary)
-    return summary
+            raise
+        listing = listing.moved(cfg.output)
+        committed = out.parts()
+        resumed, unreadable = out.tally(committed) if committed else (Tally(), [])
+        for name in unreadable:  # a truncated or damaged file: its rows are computed again
+            note = f"part {name} cannot be read: renamed {out.set_aside(name)}; its rows are redone"
+            log.warning("%s", note)
+            observer.event(note)
+        committed = [name for name in committed if name not in unreadable]
+        log.info("%d %s listed (%d rows already done), model %s", listing.count,
+                 cfg.input_format, resumed.ok + resumed.error, fingerprint)
+        summary.model, summary.model_name = fingerprint, model.name
+        summary.skipped, summary.rows_resumed = listing.skipped, resumed.ok + resumed.error
+
+        from pipeline import dataflow  # import Ray only when there is work
+
+        # Until the actors start, a failure (no Ray, a plan the cluster cannot run) leaves no
+        # trace. After, an actor may still commit the block it holds, so the listing and manifest
+        # stay beside whatever it commits: a rerun with --resume, or a plain one when no part
+        # came, finishes cleanly.
+        started = False
+        try:
+            observer.ray_starting()
+            dataflow.ensure_ray(cfg.address, quiet=observer.quiet)
+            cluster, plan = _plan(cfg, model, listing, source, flops, summary)
+            expected = None if source.sharded else listing.count - summary.rows_resumed
+            observer.started({
+                "input": cfg.input, "inputs": listing.count, "format": cfg.input_format,
+                "skipped": listing.skipped, "resumed": summary.rows_resumed, "expected": expected,
+                "model": fingerprint, "model_name": model.name,
+                "model_shape": "x".join(map(str, model.spec.shape)) + f", {model.spec.output_dim} "
+                               + ("classes" if model.spec.output == "classification" else "dims"),
+                "plan": summary.plan, "output": cfg.output, "session_dir": dataflow.session_dir(),
+            })
+            run_id = uuid.uuid4().hex  # names what the actors' crash guards record in the GCS
+            tally, stats, watch = Tally(), Stats(start), Watch(observer, cluster)
+            records = None
+            try:
+                if expected != 0:
+                    records = dataflow.execute(cfg, plan, listing, committed, model.spec, source,
+                                               fingerprint, run_id)
+                    started = True
+                    for batch in records:
+                        stats.add(batch, tally)
+                        watch.records(batch)
+                        if summary.first_result_seconds is None:
+                            summary.first_result_seconds = time.perf_counter() - start
+                        observer.progress(
+                            Progress(stats.rows, expected, tally.error, stats.elapsed()))
+            finally:
+                from pipeline.crash_guard import forget_run
+
+                if records is not None:  # stopped early (Ctrl-C): stop Ray Data's execution
+                    records.close()  # now, not when the interpreter exits and logs it
+                forget_run(run_id)
+        except Exception as e:
+            if not started and not committed:
+                out.clear()
+                if not existed:
+                    _remove_if_empty(out)
+            ours = our_error(e)
+            if ours is not None:  # one line, not Ray's wrapping of a worker's traceback
+                raise ours from None
+            raise
+        if expected is not None and stats.rows < expected:
+            _write_missing(out, cfg, model, fingerprint, listing, tally, stats)
+        out.remove_temporaries()  # a writer killed mid-part leaves its temporary; none run now
+        resumed.merge(tally)
+        summary.rows_ok, summary.rows_error = resumed.ok, resumed.error
+        summary.errors_by_kind = resumed.by_kind()
+        stats.finish(summary)
+        summary.completed = True
+        out.write_json(SUMMARY, summary.to_json())
+        _write_report(cfg.output, summary)
+        return summary
 
 
 def _plan(cfg: RunConfig, model: Model, listing: ListingFile, source: Source, flops: float,
@@ -195,6 +200,25 @@ def _plan(cfg: RunConfig, model: Model, listing: ListingFile, source: Source, fl
     summary.nodes = [{"node_id": n.node_id, "node_ip": n.ip, "cpus": n.cpus, "gpus": n.gpus,
                       "memory_gb": round(n.memory / 1e9, 1)} for n in cluster.nodes]
     return cluster, plan
+
+
+@contextlib.contextmanager
+def _held(out: OutputDir, cfg: RunConfig, listing: ListingFile, existed: bool):
+    """Hold the output against other runs on this machine for the rest of this one (see
+    :meth:`OutputDir.lock`), then look again at what it holds: a run that ended meanwhile
+    may have committed parts."""
+    try:
+        lock = out.lock()
+        _check_usable(out, cfg)
+    except BaseException:
+        listing.discard()
+        if not existed:
+            _remove_if_empty(out)
+        raise
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _check_usable(out: OutputDir, cfg: RunConfig) -> None:

@@ -30,9 +30,11 @@ the model, so resuming with other weights would silently mix their rows.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
 import uuid
 from collections import Counter
@@ -45,7 +47,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.read import filesystem
+from pipeline.read import filesystem, is_uri
 from pipeline.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -229,6 +231,18 @@ def unit_ranges(units: np.ndarray) -> list[list[int]]:
 
 
 @dataclass
+class OutputLock:
+    """What :meth:`OutputDir.lock` holds: an open directory descriptor, or None."""
+
+    fd: int | None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
 class OutputDir:
     """The output directory: its files, its manifest, and what is already committed."""
 
@@ -257,6 +271,29 @@ class OutputDir:
             if e.base_name.startswith(PART_PREFIX) and e.base_name.endswith(".parquet")
             and e.type == pafs.FileType.File
         )
+
+    def lock(self) -> OutputLock:
+        """Hold this output against other runs on this machine until ``release()`` (an
+        ``flock`` on the directory: the kernel drops it when the process dies, so a killed
+        run leaves no stale lock). OutputError when another run holds it. Object stores,
+        and filesystems without ``flock``, are not locked."""
+        if is_uri(self.uri):
+            return OutputLock(None)
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # nothing was listed, so nothing created: nothing to hold
+            return OutputLock(None)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(
+                f"Output '{self.uri}' is being written by another run on this machine: wait "
+                "for it to end, or pick another --output.") from None
+        except OSError:
+            os.close(fd)
+            return OutputLock(None)
+        return OutputLock(fd)
 
     def has_results(self) -> bool:
         """Whether rows were committed here. A run that failed before its first part leaves

@@ -295,3 +295,18 @@ def test_an_unreadable_part_is_set_aside_and_its_rows_redone(ray_local, tmp_path
     assert (out / f"_{damaged.name}.unreadable").exists()  # kept for a look, read by no one
     pipeline.run(str(src), str(out), overwrite=True)
     assert not list(out.glob("*.unreadable"))
+
+
+def test_a_second_run_into_an_output_in_use_is_refused(ray_local, tmp_path):
+    """Two runs into one output (the same command in two terminals, an overlapping cron job)
+    would mix their rows: the second is refused while the first holds the output."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_samples(src, 6, seed=9)
+    out.mkdir()
+    first = OutputDir(str(out)).lock()  # what a run holds while it runs
+    with pytest.raises(OutputError, match=f"Output '{out}' is being written by another run"):
+        pipeline.run(str(src), str(out))
+    assert list(out.iterdir()) == []  # the refused run left nothing, not even its listing
+    first.release()
+    assert pipeline.run(str(src), str(out)).rows_ok == 6
+    assert pipeline.run(str(src), str(out), overwrite=True).rows_ok == 6  # released at the end
