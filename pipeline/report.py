@@ -84,9 +84,13 @@ def _unfinished(output: str) -> str | None:
     parts = out.parts()
     rows = sum(pq.read_metadata(f"{out.root}/{p}", filesystem=out.fs).num_rows for p in parts)
     files = f"{len(parts):,} part file" + "s" * (len(parts) != 1)
-    return (f"The run in '{output}' has not finished (it failed or was stopped, or is still "
-            f"running): {rows:,} rows committed in {files}, of {manifest.get('inputs', 0):,} "
-            "inputs listed. Finish it with the same command and --resume.")
+    done = f"{rows:,} rows committed in {files}, of {manifest.get('inputs', 0):,} inputs listed"
+    try:
+        out.lock().release()
+    except OutputError:  # a run on this machine holds it
+        return f"The run in '{output}' is still running: {done} so far."
+    return (f"The run in '{output}' has not finished (it failed or was stopped, or runs on "
+            f"another machine): {done}. Finish it with the same command and --resume.")
 
 
 def write_report(output: str, summary: dict[str, Any] | None = None) -> str:

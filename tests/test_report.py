@@ -247,8 +247,14 @@ def test_write_report_and_cli(tmp_path, capsys):
     assert main(["report", unfinished.uri]) == 2
     assert capsys.readouterr().err == (
         f"batch-infer: error: The run in '{unfinished.uri}' has not finished (it failed or was "
-        "stopped, or is still running): 1,026 rows committed in 2 part files, of 2,500 inputs "
-        "listed. Finish it with the same command and --resume.\n")
+        "stopped, or runs on another machine): 1,026 rows committed in 2 part files, of 2,500 "
+        "inputs listed. Finish it with the same command and --resume.\n")
+    running = unfinished.lock()  # as a run on this machine holds its output
+    assert main(["report", unfinished.uri]) == 2
+    assert capsys.readouterr().err == (
+        f"batch-infer: error: The run in '{unfinished.uri}' is still running: 1,026 rows "
+        "committed in 2 part files, of 2,500 inputs listed so far.\n")
+    running.release()
 
 
 def _chromium() -> str:
