@@ -124,3 +124,15 @@ def test_a_bad_manifest_is_one_clear_error(tmp_path):
     manifest.write_text(json.dumps({**spec, "fileFormat": "Avro"}))
     with pytest.raises(InputError, match="unknown fileFormat 'Avro'"):
         list(listed_paths(str(manifest)))
+
+
+def test_a_lists_relative_entries_are_resolved_where_the_command_runs(tmp_path, monkeypatch):
+    """Ray's workers may run in another directory (a joined head): relative entries reach the
+    listing absolute; URIs stay as they are."""
+    from pipeline.source import Source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inputs.txt").write_text("images/a.png\ns3://photos/b.png\n/abs/c.png\n")
+    listing = Source(input_list=True).list("inputs.txt", str(tmp_path / "out"))
+    assert listing.read(0, 3).column("path").to_pylist() == [
+        f"{tmp_path}/images/a.png", "s3://photos/b.png", "/abs/c.png"]
