@@ -71,7 +71,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per device call, a multiple of --batch-size; each actor compiles it "
                    "beside the --batch-size program (default: --batch-size on CPU; on GPU, from "
                    "the model's FLOPs, see the plan in _summary.json)")
-    p.add_argument("--top-k", type=int, default=5, help="classes kept per row (default: 5)")
+    p.add_argument("--top-k", type=int, default=5,
+                   help="classes kept per row, at most the model's classes (default: 5)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the model's arithmetic: weights cast once at load, "
                    "normalisation layers kept float32, outputs float32 (bfloat16 pays off on "
