@@ -38,13 +38,25 @@ _COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
 _INVENTORY = ("bucket", "key", "islatest", "isdeletemarker")
 
 
+def _uncompressed(src: str) -> str:
+    """``src`` lower-cased, without a compression suffix: the name its kind is read from."""
+    name = src.lower()
+    for ext in _COMPRESSED:
+        name = name.removesuffix(ext)
+    return name
+
+
+def is_list_name(src: str) -> bool:
+    """Whether ``src`` is named like a list this module reads (``.txt``, ``.csv``,
+    ``.parquet``, ``.orc``, an inventory's ``.json``; compressed or not)."""
+    return _uncompressed(src).endswith((".txt", ".json", ".parquet", ".orc", ".csv"))
+
+
 def listed_paths(src: str, skipped: Counter | None = None) -> Iterator[Entry]:
     """The inputs a list names, as (path, size where the list knows it), in the list's order;
     entries left out (an inventory's older versions) are counted in ``skipped``."""
     skipped = Counter() if skipped is None else skipped
-    name = src.lower()
-    for ext in _COMPRESSED:
-        name = name.removesuffix(ext)
+    name = _uncompressed(src)
     try:
         if name.endswith(".json"):
             yield from _inventory(src, skipped)

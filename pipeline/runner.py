@@ -105,9 +105,7 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
         try:
             fingerprint = prepare(out, cfg, listing, model, source)
         except BaseException:
-            listing.discard()
-            if not existed:
-                _remove_if_empty(out)
+            _abandon(out, listing, existed)
             raise
         listing = listing.moved(cfg.output)
         committed = out.parts()
@@ -128,7 +126,7 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
         # trace. After, an actor may still commit the block it holds, so the listing and manifest
         # stay beside whatever it commits: a rerun with --resume, or a plain one when no part
         # came, finishes cleanly.
-        started = False
+        records = None  # once set, the actors may commit parts at any time
         try:
             observer.ray_starting()
             dataflow.ensure_ray(cfg.address, quiet=observer.quiet)
@@ -144,12 +142,10 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
             })
             run_id = uuid.uuid4().hex  # names what the actors' crash guards record in the GCS
             tally, stats, watch = Tally(), Stats(start), Watch(observer, cluster)
-            records = None
             try:
                 if expected != 0:
                     records = dataflow.execute(cfg, plan, listing, committed, model.spec, source,
                                                fingerprint, run_id)
-                    started = True
                     for batch in records:
                         stats.add(batch, tally)
                         watch.records(batch)
@@ -164,7 +160,7 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
                     records.close()  # now, not when the interpreter exits and logs it
                 forget_run(run_id)
         except Exception as e:
-            if not started and not committed:
+            if records is None and not committed:
                 out.clear()
                 if not existed:
                     _remove_if_empty(out)
@@ -211,9 +207,7 @@ def _held(out: OutputDir, cfg: RunConfig, listing: ListingFile, existed: bool):
         lock = out.lock()
         _check_usable(out, cfg)
     except BaseException:
-        listing.discard()
-        if not existed:
-            _remove_if_empty(out)
+        _abandon(out, listing, existed)
         raise
     try:
         yield
@@ -230,6 +224,14 @@ def _check_usable(out: OutputDir, cfg: RunConfig) -> None:
                 f"Output '{cfg.output}' already holds results; pass --overwrite to replace "
                 "them or --resume to finish an interrupted run."
             )
+
+
+def _abandon(out: OutputDir, listing: ListingFile, existed: bool) -> None:
+    """Undo what a run refused at its start had written: its temporary listing, and the
+    output directory when the listing created it."""
+    listing.discard()
+    if not existed:
+        _remove_if_empty(out)
 
 
 def _remove_if_empty(out: OutputDir) -> None:

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipeline.config import absolute_path
 from pipeline.decode import decode_payloads, decode_rows
-from pipeline.input_lists import listed_paths
+from pipeline.input_lists import is_list_name, listed_paths
 from pipeline.listing import Entry, InputError, ListingFile
 from pipeline.read import fetch_all, filesystem, is_image_name, is_uri, load_bytes
 from pipeline.shards import (
@@ -35,15 +35,9 @@ from pipeline.walk import Walk
 log = logging.getLogger(__name__)
 
 
-_LISTS = (".txt", ".csv", ".parquet", ".orc", ".json")
-
-
 def _is_a_list(src: str) -> bool:
     """Whether ``src`` names one file of a kind --input-list reads (plain or compressed)."""
-    name = src.lower().rstrip("/")
-    for ext in (".gz", ".bz2", ".zst"):
-        name = name.removesuffix(ext)
-    if not name.endswith(_LISTS) or any(c in src for c in "*?["):
+    if not is_list_name(src.rstrip("/")) or any(c in src for c in "*?["):
         return False
     return is_uri(src) or os.path.isfile(src.removeprefix("file://"))
 
