@@ -141,7 +141,7 @@ def plan_lines(info: dict[str, Any]) -> list[str]:
     inputs = f"{info['inputs']:,} {info['format']}" + f" under {info['input']}"
     if info.get("resumed"):
         inputs += f" ({info['resumed']:,} rows already done)"
-    skipped = ", ".join(f"{n:,} {why}" for why, n in info.get("skipped", {}).items())
+    skipped = "; ".join(skipped_phrases(info.get("skipped", {})))
     where = "GPU" if plan["actor_gpus"] else "CPU"
     actors = (f"{plan['actors']} {where} actor{'s' * (plan['actors'] != 1)} on "
               f"{plan['platform']}, {plan['decode_slots']} decode task"
@@ -154,6 +154,22 @@ def plan_lines(info: dict[str, Any]) -> list[str]:
     return lines
 
 
+def skipped_phrases(skipped: dict[str, int]) -> list[str]:
+    """Reason -> count, as phrases: "3 files (not an image extension: 2 .mov, 1 .dng)". A
+    reason "what: detail" (the walk counts left-out files by extension) is grouped by what."""
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for reason, n in skipped.items():
+        what, _, detail = str(reason).partition(": ")
+        groups.setdefault(what, []).append((detail, int(n)))
+    phrases = []
+    for what, parts in groups.items():
+        total = sum(n for _, n in parts)
+        details = ", ".join(f"{n:,} {detail}" for detail, n in parts if detail)
+        phrases.append(f"{total:,} file{'s' * (total != 1)} ({what}"
+                       + (f": {details})" if details else ")"))
+    return phrases
+
+
 def summary_lines(summary) -> list[str]:
     total = summary.rows_ok + summary.rows_error
     lines = [f"rows: {total} ({summary.rows_ok} ok, {summary.rows_error} error"
@@ -162,8 +178,7 @@ def summary_lines(summary) -> list[str]:
     for kind, info in (summary.errors_by_kind or {}).items():
         lines.append(f"errors: {info['count']} {kind}"
                      + (f" (e.g. {info['examples'][0]})" if info.get("examples") else ""))
-    for reason, n in summary.skipped.items():
-        lines.append(f"skipped: {n} files ({reason})")
+    lines += [f"skipped: {phrase}" for phrase in skipped_phrases(summary.skipped)]
     rate = summary.images_per_second
     lines.append(f"time: {summary.seconds:.1f}s, {rate:.1f} images/s" if rate < 10 else
                  f"time: {summary.seconds:.1f}s, {rate:.0f} images/s")

@@ -23,6 +23,24 @@ from pipeline import resize
 from pipeline.platforms import error_text
 from pipeline.spec import ModelSpec
 
+
+def _register_heif() -> None:
+    """Teach Pillow HEIF/HEIC (iPhone and many Android cameras) through pillow-heif, a
+    dependency; AVIF and JPEG 2000 are Pillow's own. Without pillow-heif, a HEIF's row says
+    what to install (:func:`_why_unidentified`)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return
+    # One thread per decode: Ray runs one decode task per CPU, so the node's cores are busy
+    # already (pillow-heif's default, 4, would put 4 threads on each). libheif applies the
+    # file's rotation and mirroring itself and the plugin then reports EXIF orientation 1,
+    # so the orientation step below never turns a HEIF twice.
+    pillow_heif.register_heif_opener(decode_threads=1)
+
+
+_register_heif()
+
 # Refuse images whose header claims more pixels than this before decoding them: a 100 MP
 # photo is real, a 40000x40000 PNG of 50 KB is a decompression bomb.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -120,7 +138,19 @@ def _why_unidentified(data: bytes, max_pixels: int) -> str:
                 Image.OPEN[fmt][0](io.BytesIO(data), "").close()
         except Exception as e:  # we want its message, whatever the reader raises
             return f"not a readable {fmt} file: {type(e).__name__}: {e}"
+    brand = data[8:12].decode("ascii", "replace") if data[4:8] == b"ftyp" else ""
+    if brand in _ISO_IMAGE_BRANDS:  # an ISO media image (HEIF, AVIF) whose reader is missing
+        return (f"a '{brand}' image, which this Python cannot decode: "
+                f"it needs {_ISO_IMAGE_BRANDS[brand]}")
     return f"not a recognised image format (starts with {data[:16]!r})"
+
+
+# The major brands of ISO base media files of images, and what decodes them.
+_ISO_IMAGE_BRANDS = {
+    **dict.fromkeys(("heic", "heix", "hevc", "hevx", "heim", "heis", "hevm", "hevs", "mif1", "msf1"),
+                    "pillow-heif (pip install pillow-heif)"),
+    **dict.fromkeys(("avif", "avis"), "Pillow 11.2 or later (pip install -U pillow)"),
+}
 
 
 def _claimed_formats(data: bytes):

@@ -79,7 +79,7 @@ def write_photos(
         elif kind < png + rotated * (1 - png):
             orientation = int(rng.integers(2, 9))
             path = root / f"photo_{i:05d}_o{orientation}.jpg"
-            data = oriented_jpeg(img, orientation, quality)
+            data = oriented(img, orientation, quality=quality)
         else:
             path = root / f"photo_{i:05d}.jpg"
             data = _encode(img, "JPEG", quality=quality)
@@ -88,13 +88,15 @@ def write_photos(
     return written
 
 
-def oriented_jpeg(upright: Image.Image, orientation: int, quality: int = 85) -> bytes:
-    """A JPEG whose EXIF orientation is ``orientation`` (1..8) and whose stored pixels are
-    ``upright`` turned so that applying the orientation gives ``upright`` back."""
+def oriented(upright: Image.Image, orientation: int, fmt: str = "JPEG", **options) -> bytes:
+    """An image file (Pillow's ``fmt``, e.g. JPEG, HEIF, AVIF) whose EXIF orientation is
+    ``orientation`` (1..8) and whose stored pixels are ``upright`` turned so that applying the
+    orientation gives ``upright`` back. (pillow-heif moves the orientation into the HEIF's own
+    rotation and mirroring, which is where a phone puts it.)"""
     exif = Image.Exif()
     exif[ORIENTATION] = orientation
     stored = upright.transpose(_STORE[orientation]) if orientation in _STORE else upright
-    return _encode(stored, "JPEG", quality=quality, exif=exif.tobytes())
+    return _encode(stored, fmt, exif=exif.tobytes(), **options)
 
 
 def _encode(img: Image.Image, fmt: str, **options) -> bytes:

@@ -22,8 +22,11 @@ import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 
+# What Pillow reads, with pillow-heif for HEIF/HEIC (.hif: Canon's HEIF); AVIF and JPEG 2000
+# are Pillow's own.
 IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .ico".split()
+    ".jpg .jpeg .jpe .jfif .png .apng .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .ico"
+    " .heic .heif .hif .avif .jp2 .j2k .jpf .jpx".split()
 )
 
 

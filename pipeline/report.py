@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.console import skipped_phrases
 from pipeline.write import MANIFEST, REPORT, SUMMARY, OutputDir, OutputError
 
 # kind -> (whose fault, what it means). "data": the input file itself, the user fixes the file;
@@ -297,8 +298,7 @@ def render_text(summary: dict[str, Any]) -> str:
         if rows:
             lines += [f"{title} ({len(rows)})", *_text_table(headers, rows), ""]
     lines += _text_errors(s)
-    for reason, n in skipped(s).items():
-        lines.append(f"Skipped (no row): {fmt_value(n)} files ({reason})")
+    lines += [f"Skipped (no row): {phrase}" for phrase in skipped_phrases(skipped(s))]
     return "\n".join(lines).rstrip() + "\n"
 
 

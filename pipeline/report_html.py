@@ -13,6 +13,7 @@ from html import escape
 from typing import Any
 
 from pipeline import report as r
+from pipeline.console import skipped_phrases
 
 CHART_BINS = 60  # intervals in the throughput chart; more points are averaged into these
 RATE, ROWS = "#2563eb", "#0d9488"  # the chart's two series; blue is used nowhere else
@@ -287,7 +288,6 @@ def _skipped(s: dict[str, Any]) -> str:
     skipped = r.skipped(s)
     if not skipped:
         return ""
-    items = "".join(f"<li>{escape(r.fmt_value(n))} files: {escape(str(reason))}</li>"
-                    for reason, n in skipped.items())
+    items = "".join(f"<li>{escape(phrase)}</li>" for phrase in skipped_phrases(skipped))
     return ("<section><h2>Skipped</h2><p class=\"sub\">Files listed but not read (no row)."
             f"</p><ul>{items}</ul></section>")

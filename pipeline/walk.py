@@ -76,8 +76,14 @@ class Walk:
 
     def skipped_or_fail(self) -> dict[str, int]:
         """What was skipped, once the walk is done; InputError when nothing was taken."""
-        if self.found > self.taken:
-            self.skipped[f"not {self.a_kind} extension"] += self.found - self.taken
+        # Named by extension, so a skip that matters (.heic photos on an old install, .dng raw
+        # files) is told apart from one that does not (.txt, .json sidecars).
+        named = sorted(self.left.items(), key=lambda e: (-e[1], e[0]))[:_NAMED_EXTENSIONS]
+        for ext, n in named:
+            self.skipped[f"not {self.a_kind} extension: {ext or 'no extension'}"] += n
+        rest = self.left.total() - sum(n for _, n in named)
+        if rest:
+            self.skipped[f"not {self.a_kind} extension: others"] += rest
         if not self.taken:
             if not self.found:
                 raise InputError(f"Input '{self.src}' holds no {self.kinds} (no files).")
@@ -86,6 +92,10 @@ class Walk:
                 f"Input '{self.src}' holds no {self.kinds} ({self.found} files, none with "
                 f"{self.a_kind} extension: {seen}). {_hint(self.kinds, self.left)}")
         return dict(self.skipped)
+
+
+# How many extensions of the files a walk leaves out are counted each under its own name.
+_NAMED_EXTENSIONS = 5
 
 
 def _extension(path: str) -> str:

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from pipeline import digits, resize
-from pipeline.decode import decode_image
+from pipeline.decode import decode_image, decode_payloads
 from pipeline.model import ModelSpec, load_model
-from pipeline.photos import oriented_jpeg, photo, write_photos
+from pipeline.photos import oriented, photo, write_photos
 
 # (width, height): a pixel, strips, needles, odd sizes both ways, exactly a target's size,
 # smaller than the targets (upscaling).
@@ -221,7 +221,7 @@ def test_oriented_box_follows_the_pixels():
 def test_exif_orientation_in_every_mode(orientation):
     """Odd sizes, so a drafted JPEG's partial last block moves with the flip."""
     upright = source((301, 203), seed=2)
-    data = oriented_jpeg(upright, orientation, quality=90)
+    data = oriented(upright, orientation, quality=90)
     plain = encode(upright, "JPEG", quality=90)
     for mode in MODES:
         spec = make_spec((48, 32), 3, mode, "bicubic")
@@ -303,6 +303,51 @@ def test_digits_path_unchanged():
                 np.testing.assert_array_equal(got[..., 0], before_this_change(data, spec))
             else:
                 within_tolerance(got, decode_image(data, spec, draft=False), f"digit {size}px")
+
+
+# ------------------------------------------------------------ phone and web formats
+
+# Formats a photo library holds beside JPEG: HEIC (phones, through pillow-heif), AVIF and
+# JPEG 2000 (Pillow's own). Lossless or near it, so the decode can be held to a PNG's.
+OTHER_FORMATS = {"HEIF": {"quality": -1}, "AVIF": {"quality": 100}, "JPEG2000": {}}
+
+
+@pytest.mark.parametrize(("fmt", "orientation"), [
+    *((fmt, o) for fmt in ("HEIF", "AVIF") for o in (1, 3, 6, 7)),
+    ("JPEG2000", 1),  # Pillow writes no EXIF into a JPEG 2000
+])
+def test_heic_avif_and_jpeg2000_decode_upright(fmt, orientation):
+    """Each is stored turned, with the EXIF orientation that turns it back: the decode is the
+    upright photo (a HEIF's turn is libheif's, an AVIF's is ours), far from any other turn."""
+    upright = source((301, 203), seed=4)
+    options = OTHER_FORMATS[fmt]
+    data = oriented(upright, orientation, fmt, **options) if orientation > 1 else \
+        encode(upright, fmt, **options)
+    spec = make_spec((48, 32), 3, "center_crop", "bicubic")
+    want = decode_image(encode(upright, "PNG"), spec).astype(int)
+    got = decode_image(data, spec).astype(int)
+    assert np.abs(got - want).mean() < 1.5, fmt
+    turned = decode_image(encode(upright.transpose(Image.Transpose.ROTATE_180), "PNG"), spec)
+    assert np.abs(got - turned).mean() > 10
+
+
+@pytest.mark.parametrize("fmt", OTHER_FORMATS)
+def test_a_cut_heic_avif_or_jpeg2000_is_a_corrupt_row_naming_its_format(fmt):
+    data = encode(source((120, 90)), fmt)
+    spec = make_spec((32, 32))
+    for cut in (len(data) // 2, 40):
+        row = decode_payloads(["x"], [data[:cut]], spec)
+        assert row["error_kind"][0] == "corrupt", (cut, row["error"][0])
+        assert fmt in row["error"][0], row["error"][0]
+
+
+def test_a_heic_without_its_reader_says_what_to_install(monkeypatch):
+    """pillow-heif is a dependency, but a hand-made environment may lack it: the row says so,
+    not 'not a recognised image format'."""
+    monkeypatch.setattr(Image, "OPEN", {k: v for k, v in Image.OPEN.items() if k != "HEIF"})
+    monkeypatch.setattr(Image, "ID", [k for k in Image.ID if k != "HEIF"])
+    row = decode_payloads(["x"], [encode(source((40, 30)), "HEIF")], make_spec((32, 32)))
+    assert "'heic' image" in row["error"][0] and "pip install pillow-heif" in row["error"][0]
 
 
 # ------------------------------------------------------------ photos

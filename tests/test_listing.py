@@ -28,7 +28,23 @@ def test_a_directory_is_walked_in_a_stable_order_one_directory_at_a_time(tmp_pat
     walk = Walk(str(tmp_path), is_image_name, "an image", "images")
     paths = [p.removeprefix(f"{tmp_path}/") for p, _ in walk]
     assert paths == ["c.png", "a/3.png", "a/z/9.png", "b/1.png", "b/2.png"]
-    assert walk.skipped_or_fail() == {"not an image extension": 1}
+    assert walk.skipped_or_fail() == {"not an image extension: .txt": 1}
+
+
+def test_the_formats_of_a_photo_library_are_taken_and_the_rest_counted_by_extension(tmp_path):
+    """Phones' HEIC (and Canon's .hif), AVIF and JPEG 2000 are images; what is left out is
+    counted under its extension (the commonest five, then the rest together)."""
+    images = ["IMG_0001.HEIC", "b.heif", "c.hif", "d.avif", "e.jp2", "f.j2k", "g.JPG", "h.apng"]
+    left = ["IMG_0001.MOV", "IMG_0002.MOV", "IMG_0003.MOV", "raw.dng", "raw2.dng", "README",
+            "x.json", "y.xmp", "z.aae", "w.pdf"]
+    for name in images + left:
+        (tmp_path / name).write_bytes(b"x")
+    walk = Walk(str(tmp_path), is_image_name, "an image", "images")
+    assert sorted(p.rsplit("/", 1)[1] for p, _ in walk) == sorted(images)
+    assert walk.skipped_or_fail() == {
+        "not an image extension: .mov": 3, "not an image extension: .dng": 2,
+        "not an image extension: no extension": 1, "not an image extension: .aae": 1,
+        "not an image extension: .json": 1, "not an image extension: others": 2}
 
 
 def test_listing_files_of_every_kind_stream_in_their_order(tmp_path):

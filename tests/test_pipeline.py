@@ -65,7 +65,7 @@ def test_corrupt_file_is_one_error_row(ray_local, sample_dir, tmp_path):
     assert "not a recognised image format" in errors[0]["error"]
     assert errors[0]["label"] is None and errors[0]["topk_labels"] is None
     assert summary.rows_error == 1 and summary.rows_ok == 40
-    assert summary.skipped == {"not an image extension": 1}
+    assert summary.skipped == {"not an image extension: .txt": 1}
     assert sum(c.images for c in poison_model.read_calls(calls)) == 40  # the 40 decoded images
     # Resuming the finished run computes nothing and still counts the earlier rows by status.
     calls.unlink()

@@ -25,7 +25,8 @@ FULL = {
     "output": "/data/out", "model": "3f2a9c0d1e2b4a5c", "model_name": "digits_cnn",
     "input": "/data/images", "started_at": "2026-11-26T14:19:44Z",
     "rows_ok": 19990, "rows_error": 10, "rows_resumed": 0,
-    "skipped": {"not an image extension": 3},
+    "skipped": {"not an image extension: .mov": 2, "not an image extension: .txt": 1,
+                "directory not readable": 1},
     "seconds": 12.3, "images_per_second": 1625.0, "first_result_seconds": 3.1,
     "stage_seconds": {"decode": 5.1, "transfer_in": 0.2, "compute": 3.0, "transfer_out": 0.1,
                       "write": 0.4},
@@ -135,7 +136,8 @@ def test_text_numbers_are_the_summarys():
     assert "Errors: 10 rows, 9 the data's (input files), 1 the system's" in text
     assert "127.0.0.1  ab12cd34  4242  cpu:0   12,000  60.0%" in text
     assert "images per device batch   32" in text
-    assert "Skipped (no row): 3 files (not an image extension)" in text
+    assert "Skipped (no row): 3 files (not an image extension: 2 .mov, 1 .txt)" in text
+    assert "Skipped (no row): 1 file (directory not readable)" in text
 
 
 def test_page_numbers_are_the_summarys():
@@ -156,7 +158,7 @@ def test_page_numbers_are_the_summarys():
     assert counts == [("data", "6", "not_an_image"), ("data", "3", "corrupt"),
                       ("system", "1", "model_failure")]
     assert "run average 1,625 images/s" in page and "first result 3.1 s" in page
-    assert "3 files: not an image extension" in page
+    assert "<li>3 files (not an image extension: 2 .mov, 1 .txt)</li>" in page
 
 
 def test_old_summary_renders_what_it_has():
