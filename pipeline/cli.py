@@ -7,8 +7,10 @@ entrypoint (``jobs/batch_infer.py``) reuses :func:`add_run_arguments` so the two
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -218,6 +220,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """--version: :func:`versions`, looked up only when asked for."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions())
+        parser.exit()
+
+
+def versions() -> str:
+    """'batch-infer 0.1.0 (python 3.11.7, ray 2.60.0, jax 0.10.2, ...)', read from the installed
+    packages' metadata: nothing is imported, and no device is started."""
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    parts = [f"python {platform.python_version()}",
+             *(f"{name} {version(name)}" for name in _REPORTED)]
+    return f"batch-infer {version('batch-infer')} ({', '.join(parts)})"
+
+
+# What a bug report needs beside our own version: what runs the pipeline and what decodes.
+_REPORTED = ("ray", "jax", "jaxlib", "numpy", "pyarrow", "pillow", "pillow-heif")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batch-infer",
@@ -225,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         "One Parquet row per input image; bad images become error rows, never crashes.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print this tool's version and those it runs on (for bug reports)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="predict every image under --input into Parquet at --output",

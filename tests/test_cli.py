@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import platform
 import re
 import subprocess
 import sys
@@ -121,3 +123,14 @@ def test_local_paths_reach_the_workers_absolute(tmp_path, monkeypatch):
     assert (kept.input, kept.output, kept.model) == ("s3://b/in", "file:///x/out", "resnet-tiny")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert RunConfig(input="~/imgs", output="o").resolved().input == f"{tmp_path}/imgs"
+
+
+def test_version_names_the_tool_and_what_it_runs_on(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"batch-infer {importlib.metadata.version('batch-infer')} (python "
+                          f"{platform.python_version()}, ")
+    for name in ("ray", "jax", "jaxlib", "pyarrow", "pillow", "pillow-heif"):
+        assert f" {name} {importlib.metadata.version(name)}" in out, name
