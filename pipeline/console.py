@@ -35,6 +35,7 @@ class Console:
         self._status_width = 0
         self.log_path: str | None = None
         self._saved_fd: int | None = None
+        self._saved_stdout: IO[str] | None = None
 
     # -- quiet mode ---------------------------------------------------------------------
 
@@ -48,6 +49,13 @@ class Console:
 
     def __exit__(self, *exc) -> None:
         self.end_status()
+        if self._saved_stdout is not None:
+            sys.stdout.flush()
+            sys.stdout, self._saved_stdout = self._saved_stdout, None
+            if self.log_path and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                # Ray prints its last messages (repeats it held back) when it shuts down, at
+                # exit: into the log as well.
+                sys.stdout = open(self.log_path, "a", buffering=1)  # noqa: SIM115
         if self._saved_fd is not None:
             sys.stderr.flush()
             os.dup2(self._saved_fd, 2)
@@ -60,7 +68,10 @@ class Console:
 
     def _hide_stderr(self) -> None:
         """Send file descriptor 2 to a log file; keep the real stderr for our own lines (and
-        our own warnings: the ``pipeline`` loggers write there)."""
+        our own warnings: the ``pipeline`` loggers write there). Python's ``sys.stdout`` goes
+        there too: Ray prints the raylet's messages to it (a worker that died, a task to be
+        retried) even without ``log_to_driver``; this console's lines go to the stream it
+        was given."""
         sys.stderr.flush()
         self._saved_fd = os.dup(2)
         # Where Ray keeps its sessions (RAY_TMPDIR, else the system's temp directory): the
@@ -79,6 +90,9 @@ class Console:
         ours.addHandler(handler)
         ours.propagate = False
         self._handler = handler
+        sys.stdout.flush()
+        self._saved_stdout = sys.stdout
+        sys.stdout = sys.stderr  # fd 2: the log file
 
     def move_log_into(self, session_dir: str | None) -> None:
         """Move the log file into Ray's session directory once Ray has one (same file, still

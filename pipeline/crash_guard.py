@@ -17,6 +17,15 @@ images costs 2k + 2 restarts; its other images are predicted as usual.
 
 An actor that exits because its *device* broke (see :mod:`pipeline.infer`) says so in its
 record first, so its successor does not suspect the block it was running.
+
+Decoding has the same hazard: Pillow, libheif, libavif, OpenJPEG and libtiff are native code,
+and a malformed file can crash one (or a huge image can bring the out-of-memory killer). Ray
+Data retries a read task whose process died, for ever, so one such file hung the run.
+:class:`DecodeGuard` keeps a record per decode task (per slice of the listing): before each
+block it records the block's first and last path (one GCS write per block, against the
+block's hundreds of decodes); a retry of the task that finds the record decodes that range
+one file at a time, recording each file first, and a file that was being decoded at two
+deaths becomes an error row (``decode_crash``) instead of being decoded a third time.
 """
 
 from __future__ import annotations
@@ -94,6 +103,67 @@ class CrashGuard:
             for k, v in row_out.items():
                 out[k][i] = v[0]
         return out, errors
+
+
+DECODE_DIED = ("the decode process died while decoding this file ({n} times): it crashes the "
+               "image decoder, or needs more memory than the node has")
+
+
+class DecodeCrash(Exception):
+    """A file whose decoding killed the process: its row's error."""
+
+    kind = "decode_crash"
+
+
+class DecodeGuard:
+    """Finds the files that kill a decode task's process, across Ray's retries of the task.
+
+    :func:`pipeline.decode.decode_payloads` calls :meth:`block` before each block and
+    :meth:`row` before each file; ``key`` names the task (the run and its slice)."""
+
+    def __init__(self, key: str):
+        self.key = key
+        last = _get(key)  # None: the first attempt (or every earlier one finished)
+        self.strikes: dict[str, int] = dict((last or {}).get("strikes", {}))
+        if last and last.get("row") is not None:  # the file being decoded when it died
+            self.strikes[last["row"]] = self.strikes.get(last["row"], 0) + 1
+        # The range the last attempt was decoding when it died, in listing order.
+        self.suspect = (last["from"], last["to"]) if last else None
+        self.careful = False  # recording file by file, through the suspect range
+        self.passed = False  # the suspect range's last file has gone by
+        if last:
+            log.warning("A decode task's process died; decoding %s .. %s one file at a time",
+                        *self.suspect)
+
+    def block(self, paths) -> None:
+        """Before a block of ``paths`` is decoded."""
+        if self.careful and self.passed:  # the suspect range is done with
+            self.careful, self.suspect = False, None
+        if not self.careful and not (self.suspect and self.suspect[0] in paths):
+            _put(self.key, {"from": paths[0], "to": paths[-1], "row": None,
+                            "strikes": self.strikes})
+
+    def row(self, path: str) -> DecodeCrash | None:
+        """Before ``path`` is decoded: the error to record instead, for a file that has
+        killed the process twice; None to decode it."""
+        if self.suspect and path == self.suspect[0]:
+            self.careful = True
+        if not self.careful:
+            return None
+        self.passed = self.passed or path == self.suspect[1]
+        n = self.strikes.get(path, 0)
+        if n >= STRIKES:
+            return DecodeCrash(DECODE_DIED.format(n=n))
+        _put(self.key, {"from": self.suspect[0], "to": self.suspect[1], "row": path,
+                        "strikes": self.strikes})
+        return None
+
+    def finished(self) -> None:
+        """The task decoded its whole slice: a later run of it (Ray rebuilding a lost block)
+        starts afresh."""
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(self.key, namespace=NAMESPACE)
 
 
 def forget_run(run_id: str) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from pipeline import resize
+from pipeline.crash_guard import DecodeGuard
 from pipeline.platforms import error_text
 from pipeline.spec import ModelSpec
 
@@ -187,7 +188,8 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
 def error_kind(exc: BaseException) -> str:
     """What kind of failure an error row records (``error_kind``), so a run's errors can be
     told apart at a glance: the data's (unreadable, not_an_image, corrupt, too_large, shard)
-    or the system's (model_failure, model_crash, no_result, set by the later stages)."""
+    or the system's (model_failure, model_crash, no_result, set by the later stages;
+    decode_crash, a file that killed the decoding process, is the data's)."""
     kind = getattr(exc, "kind", None)
     if kind:
         return kind
@@ -204,20 +206,23 @@ def error_kind(exc: BaseException) -> str:
 
 
 def decode_rows(
-    paths: list[str], loader, spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+    paths: list[str], loader, spec: ModelSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
+    guard: DecodeGuard | None = None,
 ) -> dict[str, np.ndarray]:
     """Load and decode each path with ``loader(path) -> bytes``; failures become error rows.
     Columns as :func:`decode_payloads`; a row's ``_t_decode`` includes its ``loader`` call."""
-    return decode_payloads(paths, (_loaded(loader, p) for p in paths), spec, max_pixels)
+    return decode_payloads(paths, (_loaded(loader, p) for p in paths), spec, max_pixels, guard)
 
 
 def decode_payloads(
     paths: Sequence[str], payloads: Iterable[bytes | BaseException], spec: ModelSpec,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS, guard: DecodeGuard | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode each path's payload: its bytes, or the exception reading it raised (that row's
     error, as a decode failure is). ``payloads`` is aligned with ``paths`` and may be a lazy
-    iterator that reads as it goes (:func:`pipeline.read.fetch_all`).
+    iterator that reads as it goes (:func:`pipeline.read.fetch_all`). ``guard`` (in a Ray
+    decode task) is told of each block and file first, so that a file that kills the process
+    is found across the task's retries and becomes an error row.
 
     Returns columns ``path``, ``image`` (N, H, W, C) uint8 (zeros on error rows), ``error``
     ("" when ok: Ray Data turns an all-None column into float NaN), ``error_kind`` (see
@@ -232,11 +237,15 @@ def decode_payloads(
     kinds = [""] * n  # error_kind: "" when ok, like error
     seconds = np.zeros(n, np.float64)
     payloads = iter(payloads)
+    if guard is not None and n:
+        guard.block(paths)
     for i in range(n):
         start = time.perf_counter()
         payload = next(payloads, _END)
         if payload is _END:
             raise ValueError(f"payloads ran out at row {i} of {n}; they must align with paths")
+        if guard is not None:
+            payload = guard.row(paths[i]) or payload
         if isinstance(payload, BaseException):
             errors[i], kinds[i] = error_text(payload), error_kind(payload)
         else:

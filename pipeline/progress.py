@@ -116,6 +116,11 @@ class Watch:
                         f"an inference actor's process on node {batch['node_ip'][i]} died and "
                         "was replaced; Ray retried the blocks it held (no row is lost or "
                         "written twice)")
+            crashed = json.loads(batch["kinds"][i]).get("decode_crash")
+            for path in (crashed or {}).get("examples", []):
+                self.observer.event(
+                    f"decoding {path} killed the decoding process twice: it is an error row "
+                    "(decode_crash), and Ray decoded the other files of its task again")
             if bool(batch["isolated"][i]):
                 self.observer.event(
                     f"a block killed an inference process; it was run again one image at a "

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import absolute_path
+from pipeline.crash_guard import DecodeGuard
 from pipeline.decode import decode_payloads, decode_rows
 from pipeline.input_lists import is_list_name, listed_paths
 from pipeline.listing import Entry, InputError, ListingFile
@@ -107,12 +108,12 @@ class Source:
 
     def decode(
         self, listing: pa.Table, units: np.ndarray, done: AbstractSet[str], spec: ModelSpec,
-        max_pixels: int, rows_per_block: int,
+        max_pixels: int, rows_per_block: int, guard: DecodeGuard | None = None,
     ) -> Iterator[dict]:
         """Decode one task's slice of the listing (columns path, size; ``units``: each row's
         listing index), skipping rows already ``done``: yields blocks of at most
         ``rows_per_block`` rows (``decode_payloads`` columns plus ``_unit``), each as soon as
-        it is decoded."""
+        it is decoded. ``guard``: see :func:`pipeline.decode.decode_payloads`."""
         paths = listing.column("path").to_pylist()
         sizes = listing.column("size").to_pylist()
         if not self.sharded:
@@ -123,13 +124,13 @@ class Source:
             for i in range(0, len(paths), rows_per_block):
                 block = paths[i : i + rows_per_block]
                 out = decode_payloads(block, itertools.islice(fetched, len(block)), spec,
-                                      max_pixels)
+                                      max_pixels, guard)
                 out["_unit"] = units[i : i + rows_per_block]
                 yield out
             return
         for shard, size, unit in zip(paths, sizes, units):
             rows = self._expand(shard, size)
-            for out in _decode_chunks(rows, done, spec, max_pixels, rows_per_block):
+            for out in _decode_chunks(rows, done, spec, max_pixels, rows_per_block, guard):
                 out["_unit"] = np.full(len(out["path"]), unit, np.int64)
                 yield out
 
@@ -170,8 +171,8 @@ class Source:
 
 
 def _decode_chunks(
-    rows: Iterator[tuple[str, Payload]], done: set[str], spec: ModelSpec, max_pixels: int,
-    rows_per_block: int,
+    rows: Iterator[tuple[str, Payload]], done: AbstractSet[str], spec: ModelSpec,
+    max_pixels: int, rows_per_block: int, guard: DecodeGuard | None,
 ) -> Iterator[dict]:
     chunk: dict[str, Payload] = {}
     start = time.perf_counter()
@@ -180,19 +181,20 @@ def _decode_chunks(
             continue
         chunk[path] = payload
         if len(chunk) == rows_per_block:
-            yield _decode_chunk(chunk, time.perf_counter() - start, spec, max_pixels)
+            yield _decode_chunk(chunk, time.perf_counter() - start, spec, max_pixels, guard)
             chunk, start = {}, time.perf_counter()
     if chunk:
-        yield _decode_chunk(chunk, time.perf_counter() - start, spec, max_pixels)
+        yield _decode_chunk(chunk, time.perf_counter() - start, spec, max_pixels, guard)
 
 
-def _decode_chunk(chunk: dict[str, Payload], read_seconds: float, spec, max_pixels) -> dict:
+def _decode_chunk(chunk: dict[str, Payload], read_seconds: float, spec, max_pixels,
+                  guard: DecodeGuard | None) -> dict:
     def load(path: str) -> bytes:
         payload = chunk[path]
         if isinstance(payload, BaseException):
             raise payload
         return payload
 
-    out = decode_rows(list(chunk), load, spec, max_pixels)
+    out = decode_rows(list(chunk), load, spec, max_pixels, guard)
     out["_t_decode"] += read_seconds / len(chunk)  # reading the shard, spread over its rows
     return out

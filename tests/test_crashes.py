@@ -19,13 +19,17 @@ import threading
 import time
 from pathlib import Path
 
+import poison_decoder
 import poison_model
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 import pipeline
+from pipeline.config import RunConfig
 from pipeline.digits import write_samples
+from pipeline.progress import Observer
+from pipeline.runner import run_config
 
 _ray: dict = {}  # the Ray this module started: {"address": GCS address}
 
@@ -33,7 +37,8 @@ _ray: dict = {}  # the Ray this module started: {"address": GCS address}
 @pytest.fixture
 def own_ray():
     """A 2-CPU loopback Ray, started once for the tests that share it; its workers import
-    tests/ modules (PYTHONPATH is inherited from this process)."""
+    tests/ modules (PYTHONPATH is inherited from this process), and their Pillow crashes on
+    :data:`poison_decoder.MARK`."""
     import ray
 
     if not _ray or not ray.is_initialized():
@@ -47,6 +52,7 @@ def own_ray():
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             logging_level="WARNING",
+            runtime_env={"worker_process_setup_hook": poison_decoder.install},
         )
         _ray["address"] = ctx.address_info["gcs_address"]
     yield _ray["address"]
@@ -217,6 +223,36 @@ def test_image_that_kills_the_process_becomes_an_error_row(own_ray, tmp_path):
                             "the model crashes on it")
     assert (summary.rows_ok, summary.rows_error) == (150, 1)
     assert len({c.pid for c in poison_model.read_calls(calls)}) == 5  # 2k + 2 restarts, k = 1
+
+
+def test_a_file_that_kills_the_decoder_becomes_an_error_row(own_ray, tmp_path):
+    """The decode task's process dies (SIGSEGV in the decoder) on one file in the middle of
+    the listing. Ray Data retries the task for ever; the decode guard finds the file across
+    the retries instead: it becomes one error row, and every other file one ok row. The
+    user is told so in the tool's words."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_inputs(src, 150)
+    marked = src / "5" / "zz_crash.png"
+    marked.write_bytes(poison_decoder.MARK + b" and the rest of a malformed file")
+
+    class Heard(Observer):
+        events: list[str] = []
+
+        def event(self, message: str) -> None:
+            self.events.append(message)
+
+    summary = run_config(RunConfig(input=str(src), output=str(out), progress=False), Heard())
+
+    rows = check_exactly_once(out, src)
+    (bad,) = [r for r in rows if r["status"] == "error"]
+    assert (bad["path"], bad["error_kind"]) == (str(marked), "decode_crash")
+    assert bad["error"] == ("DecodeCrash: the decode process died while decoding this file (2 "
+                            "times): it crashes the image decoder, or needs more memory than the "
+                            "node has")
+    assert (summary.rows_ok, summary.rows_error) == (150, 1)
+    assert Heard.events == [f"decoding {marked} killed the decoding process twice: it is an "
+                            "error row (decode_crash), and Ray decoded the other files of its "
+                            "task again"]
 
 
 def wait_for_new_calls(calls: Path, after: int, count: int, ended: threading.Event, what: str,
