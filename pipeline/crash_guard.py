@@ -22,8 +22,9 @@ Decoding has the same hazard: Pillow, libheif, libavif, OpenJPEG and libtiff are
 and a malformed file can crash one (or a huge image can bring the out-of-memory killer). Ray
 Data retries a read task whose process died, for ever, so one such file hung the run.
 :class:`DecodeGuard` keeps a record per decode task (per slice of the listing): before each
-block it records the block's first and last path (one GCS write per block, against the
-block's hundreds of decodes); a retry of the task that finds the record decodes that range
+block it records the block's first and last path (one GCS write per block: 0.5 ms from a
+worker on this 2-core machine, against 150 ms to decode a block of 1,024 small digit JPEGs,
+seconds for photos); a retry of the task that finds the record decodes that range
 one file at a time, recording each file first, and a file that was being decoded at two
 deaths becomes an error row (``decode_crash``) instead of being decoded a third time.
 """
