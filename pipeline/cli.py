@@ -96,6 +96,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images larger than this (decompression bombs; default: "
                    f"{DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--decode-timeout", type=float, default=RunConfig.decode_timeout,
+                   metavar="SECONDS",
+                   help="a file that takes longer to decode is taken to hang its decoder: its "
+                   "decode process is killed and, after a second time, the file is an error "
+                   "row (default: %(default)g; raise it for huge JPEG 2000 or TIFF files)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="also show Ray's own log lines and the pipeline's INFO logs (default: "
                    "Ray's lines go to a file in its session directory, named in the output)")
@@ -112,6 +117,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         top_k=args.top_k, logits=args.logits, compute_dtype=args.compute_dtype,
         address=args.address, overwrite=args.overwrite, resume=args.resume,
         rows_per_file=args.rows_per_file, max_pixels=args.max_pixels, progress=args.progress,
+        decode_timeout=args.decode_timeout,
         input_format=args.input_format, input_list=args.input_list,
         image_column=args.image_column, id_column=args.id_column,
     )

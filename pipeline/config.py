@@ -49,6 +49,10 @@ class RunConfig:
     resume: bool = False
     rows_per_file: int = 10_000
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Seconds one file may take to decode before its decoder is taken to hang (its process is
+    # killed; see pipeline.crash_guard). A 100 MP JPEG 2000, the slowest legitimate case at
+    # the default max_pixels, is tens of seconds on one core (OpenJPEG decodes a few MP/s).
+    decode_timeout: float = 300.0
     input_format: str = "images"  # one of INPUT_FORMATS
     input_list: bool = False  # input is a file listing the inputs (.txt, .csv, .parquet)
     image_column: str = "image"  # parquet: the encoded-image column
@@ -95,6 +99,9 @@ class RunConfig:
             problems.append(f"rows_per_file must be at least 1, got {self.rows_per_file}")
         if self.max_pixels < 1:  # else every image would be an error row
             problems.append(f"max_pixels must be at least 1, got {self.max_pixels}")
+        if not self.decode_timeout > 0:  # NaN too
+            problems.append(f"decode_timeout must be a positive number of seconds, got "
+                            f"{self.decode_timeout}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             problems.append(
                 f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")

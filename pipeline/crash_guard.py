@@ -34,6 +34,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import signal
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -108,63 +112,104 @@ class CrashGuard:
 
 DECODE_DIED = ("the decode process died while decoding this file ({n} times): it crashes the "
                "image decoder, or needs more memory than the node has")
+DECODE_HUNG = ("decoding this file took over {limit:g} s ({n} times; --decode-timeout): the "
+               "image decoder hangs on it")
+
+# The watchdog looks this often (at most) at the file being decoded.
+WATCH_SECONDS = 1.0
 
 
 class DecodeCrash(Exception):
-    """A file whose decoding killed the process: its row's error."""
+    """A file whose decoding killed the process, or hung: its row's error."""
 
     kind = "decode_crash"
 
 
 class DecodeGuard:
-    """Finds the files that kill a decode task's process, across Ray's retries of the task.
+    """Finds the files that kill a decode task's process, or hang its decoder, across Ray's
+    retries of the task.
 
-    :func:`pipeline.decode.decode_payloads` calls :meth:`block` before each block and
-    :meth:`row` before each file; ``key`` names the task (the run and its slice)."""
+    :func:`pipeline.decode.decode_payloads` calls :meth:`block` before each block, and
+    :meth:`row` and :meth:`decoded` around each file; ``key`` names the task (the run and its
+    slice). A watchdog thread kills the process when one file has been decoding for more
+    than ``timeout`` seconds: a hang becomes a death, which the retries then pin on the file.
+    The clock is set and cleared by attribute stores, so it costs nothing per file."""
 
-    def __init__(self, key: str):
-        self.key = key
+    def __init__(self, key: str, timeout: float):
+        self.key, self.timeout = key, timeout
         last = _get(key)  # None: the first attempt (or every earlier one finished)
         self.strikes: dict[str, int] = dict((last or {}).get("strikes", {}))
+        self.hung: list[str] = list((last or {}).get("hung", []))
         if last and last.get("row") is not None:  # the file being decoded when it died
             self.strikes[last["row"]] = self.strikes.get(last["row"], 0) + 1
         # The range the last attempt was decoding when it died, in listing order.
         self.suspect = (last["from"], last["to"]) if last else None
         self.careful = False  # recording file by file, through the suspect range
         self.passed = False  # the suspect range's last file has gone by
+        self.record: dict = {}
+        self.decoding: tuple[str, float] | None = None  # (path, since), for the watchdog
         if last:
             log.warning("A decode task's process died; decoding %s .. %s one file at a time",
                         *self.suspect)
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="decode-watchdog", daemon=True).start()
 
     def block(self, paths) -> None:
         """Before a block of ``paths`` is decoded."""
         if self.careful and self.passed:  # the suspect range is done with
             self.careful, self.suspect = False, None
         if not self.careful and not (self.suspect and self.suspect[0] in paths):
-            _put(self.key, {"from": paths[0], "to": paths[-1], "row": None,
-                            "strikes": self.strikes})
+            self._put({"from": paths[0], "to": paths[-1], "row": None})
 
     def row(self, path: str) -> DecodeCrash | None:
         """Before ``path`` is decoded: the error to record instead, for a file that has
         killed the process twice; None to decode it."""
         if self.suspect and path == self.suspect[0]:
             self.careful = True
-        if not self.careful:
-            return None
-        self.passed = self.passed or path == self.suspect[1]
-        n = self.strikes.get(path, 0)
-        if n >= STRIKES:
-            return DecodeCrash(DECODE_DIED.format(n=n))
-        _put(self.key, {"from": self.suspect[0], "to": self.suspect[1], "row": path,
-                        "strikes": self.strikes})
+        if self.careful:
+            self.passed = self.passed or path == self.suspect[1]
+            n = self.strikes.get(path, 0)
+            if n >= STRIKES:
+                if path in self.hung:
+                    return DecodeCrash(DECODE_HUNG.format(limit=self.timeout, n=n))
+                return DecodeCrash(DECODE_DIED.format(n=n))
+            self._put({"from": self.suspect[0], "to": self.suspect[1], "row": path})
+        self.decoding = (path, time.monotonic())
         return None
+
+    def decoded(self) -> None:
+        """The file :meth:`row` let through is decoded (or failed to be)."""
+        self.decoding = None
 
     def finished(self) -> None:
         """The task decoded its whole slice: a later run of it (Ray rebuilding a lost block)
         starts afresh."""
         from ray.experimental import internal_kv
 
+        self.close()
         internal_kv._internal_kv_del(self.key, namespace=NAMESPACE)
+
+    def close(self) -> None:
+        """Stop the watchdog (Ray reuses the process for other tasks)."""
+        self._stop.set()
+
+    def _put(self, record: dict) -> None:
+        self.record = {**record, "strikes": self.strikes, "hung": self.hung}
+        _put(self.key, self.record)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(WATCH_SECONDS, self.timeout / 4)):
+            decoding = self.decoding
+            if decoding is None or time.monotonic() - decoding[1] <= self.timeout:
+                continue
+            path = decoding[0]
+            log.warning("Decoding '%s' has taken over %g s: killing this decode process so "
+                        "that Ray retries its task", path, self.timeout)
+            if path not in self.hung:
+                self.hung.append(path)
+            # Unlike a crash, a hang names its file: record it even in a normal block.
+            self._put({"from": self.record["from"], "to": self.record["to"], "row": path})
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def forget_run(run_id: str) -> None:

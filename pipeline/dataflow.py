@@ -55,7 +55,7 @@ def execute(
     if env:
         decode["runtime_env"] = env
     units = _Slices(listing, slices, cfg.output, source, spec, cfg.max_pixels,
-                    plan.rows_per_block, run_id)
+                    plan.rows_per_block, run_id, cfg.decode_timeout)
     ds = ray.data.read_datasource(units, override_num_blocks=len(slices), **decode)
     ds = ds.map_batches(
         Predictor,
@@ -114,10 +114,10 @@ class _Slices(Datasource):
     described from the driver's own numbers, so planning costs no remote call."""
 
     def __init__(self, listing: ListingFile, slices, output: str, source: Source, spec,
-                 max_pixels: int, rows: int, run_id: str):
+                 max_pixels: int, rows: int, run_id: str, decode_timeout: float):
         self._listing, self._slices, self._output = listing, slices, output
         self._source, self._spec, self._max_pixels, self._rows = source, spec, max_pixels, rows
-        self._run_id = run_id
+        self._run_id, self._decode_timeout = run_id, decode_timeout
 
     def estimate_inmemory_data_size(self) -> int:
         return self._listing.count * int(np.prod(self._spec.shape))
@@ -130,7 +130,7 @@ class _Slices(Datasource):
             ReadTask(
                 functools.partial(_decode_slice, self._listing, lo, hi, parts, self._output,
                                   self._source, self._spec, self._max_pixels, self._rows,
-                                  f"{self._run_id}/decode/{lo}"),
+                                  f"{self._run_id}/decode/{lo}", self._decode_timeout),
                 BlockMetadata(num_rows=hi - lo, size_bytes=(hi - lo) * image_bytes,
                               input_files=None, exec_stats=None),
             )
@@ -139,16 +139,21 @@ class _Slices(Datasource):
 
 
 def _decode_slice(listing: ListingFile, lo: int, hi: int, parts: list[str], output: str,
-                  source: Source, spec, max_pixels: int, rows: int, guard_key: str):
+                  source: Source, spec, max_pixels: int, rows: int, guard_key: str,
+                  decode_timeout: float):
     # A generator: each decoded block goes downstream as soon as it is done, and a shard
     # becomes several blocks, never one huge one.
     done = OutputDir(output).paths_in(parts) if parts else frozenset()
     table = listing.read(lo, hi)
     units = np.arange(lo, hi, dtype=np.int64)
-    guard = DecodeGuard(guard_key)  # a file that kills this process: see crash_guard
-    for block in source.decode(table, units, done, spec, max_pixels, rows, guard):
-        yield BlockAccessor.batch_to_block(block)
-    guard.finished()
+    # A file that kills this process or hangs its decoder: see crash_guard.
+    guard = DecodeGuard(guard_key, decode_timeout)
+    try:
+        for block in source.decode(table, units, done, spec, max_pixels, rows, guard):
+            yield BlockAccessor.batch_to_block(block)
+        guard.finished()
+    finally:
+        guard.close()
 
 
 def _task_env() -> dict[str, Any] | None:

@@ -253,6 +253,8 @@ def decode_payloads(
                 images[i] = decode_image(payload, spec, max_pixels)
             except Exception as e:  # any failure of one file is that row's error, never the run's
                 errors[i], kinds[i] = error_text(e), error_kind(e)
+        if guard is not None:
+            guard.decoded()
         seconds[i] = time.perf_counter() - start
     return {
         "path": np.asarray(paths, dtype=object),

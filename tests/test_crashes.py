@@ -225,34 +225,43 @@ def test_image_that_kills_the_process_becomes_an_error_row(own_ray, tmp_path):
     assert len({c.pid for c in poison_model.read_calls(calls)}) == 5  # 2k + 2 restarts, k = 1
 
 
-def test_a_file_that_kills_the_decoder_becomes_an_error_row(own_ray, tmp_path):
-    """The decode task's process dies (SIGSEGV in the decoder) on one file in the middle of
-    the listing. Ray Data retries the task for ever; the decode guard finds the file across
-    the retries instead: it becomes one error row, and every other file one ok row. The
-    user is told so in the tool's words."""
+def test_files_that_kill_or_hang_the_decoder_become_error_rows(own_ray, tmp_path):
+    """A decode task's process dies (SIGSEGV in the decoder) on one file in the middle of the
+    listing, and its decoder never returns on another. Ray Data retries a dead task for ever
+    (and a hung one never ends); the decode guard's watchdog turns the hang into a death, and
+    the guard finds each file across the retries: each becomes one error row, and every other
+    file one ok row. The user is told so in the tool's words."""
     src, out = tmp_path / "in", tmp_path / "out"
     write_inputs(src, 150)
     marked = src / "5" / "zz_crash.png"
     marked.write_bytes(poison_decoder.MARK + b" and the rest of a malformed file")
+    hangs = src / "8" / "a_hang.jpg"
+    hangs.write_bytes(poison_decoder.HANG + b" and more")
+
+    events: list[str] = []
 
     class Heard(Observer):
-        events: list[str] = []
-
         def event(self, message: str) -> None:
-            self.events.append(message)
+            events.append(message)
 
-    summary = run_config(RunConfig(input=str(src), output=str(out), progress=False), Heard())
+    cfg = RunConfig(input=str(src), output=str(out), progress=False, decode_timeout=1.5)
+    summary = run_config(cfg, Heard())
 
     rows = check_exactly_once(out, src)
-    (bad,) = [r for r in rows if r["status"] == "error"]
-    assert (bad["path"], bad["error_kind"]) == (str(marked), "decode_crash")
-    assert bad["error"] == ("DecodeCrash: the decode process died while decoding this file (2 "
-                            "times): it crashes the image decoder, or needs more memory than the "
-                            "node has")
-    assert (summary.rows_ok, summary.rows_error) == (150, 1)
-    assert Heard.events == [f"decoding {marked} killed the decoding process twice: it is an "
-                            "error row (decode_crash), and Ray decoded the other files of its "
-                            "task again"]
+    bad = {r["path"]: r for r in rows if r["status"] == "error"}
+    assert bad.keys() == {str(marked), str(hangs)}
+    assert {r["error_kind"] for r in bad.values()} == {"decode_crash"}
+    assert bad[str(marked)]["error"] == (
+        "DecodeCrash: the decode process died while decoding this file (2 times): it crashes "
+        "the image decoder, or needs more memory than the node has")
+    assert bad[str(hangs)]["error"] == (
+        "DecodeCrash: decoding this file took over 1.5 s (2 times; --decode-timeout): the "
+        "image decoder hangs on it")
+    assert (summary.rows_ok, summary.rows_error) == (150, 2)
+    assert sorted(events) == sorted(
+        f"decoding {path} killed or hung the decoding process twice: it is an error "
+        "row (decode_crash), and Ray decoded the other files of its task again"
+        for path in (marked, hangs))
 
 
 def wait_for_new_calls(calls: Path, after: int, count: int, ended: threading.Event, what: str,
