@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from typing import IO, Any
 
@@ -35,7 +36,6 @@ class Console:
         self._status_width = 0
         self.log_path: str | None = None
         self._saved_fd: int | None = None
-        self._saved_stdout: IO[str] | None = None
 
     # -- quiet mode ---------------------------------------------------------------------
 
@@ -49,13 +49,6 @@ class Console:
 
     def __exit__(self, *exc) -> None:
         self.end_status()
-        if self._saved_stdout is not None:
-            sys.stdout.flush()
-            sys.stdout, self._saved_stdout = self._saved_stdout, None
-            if self.log_path and "ray" in sys.modules and sys.modules["ray"].is_initialized():
-                # Ray prints its last messages (repeats it held back) when it shuts down, at
-                # exit: into the log as well.
-                sys.stdout = open(self.log_path, "a", buffering=1)  # noqa: SIM115
         if self._saved_fd is not None:
             sys.stderr.flush()
             os.dup2(self._saved_fd, 2)
@@ -68,10 +61,8 @@ class Console:
 
     def _hide_stderr(self) -> None:
         """Send file descriptor 2 to a log file; keep the real stderr for our own lines (and
-        our own warnings: the ``pipeline`` loggers write there). Python's ``sys.stdout`` goes
-        there too: Ray prints the raylet's messages to it (a worker that died, a task to be
-        retried) even without ``log_to_driver``; this console's lines go to the stream it
-        was given."""
+        our own warnings: the ``pipeline`` loggers write there). What Ray's error-listener
+        thread prints to ``sys.stdout`` goes there too (see :class:`_RayMessagesToLog`)."""
         sys.stderr.flush()
         self._saved_fd = os.dup(2)
         # Where Ray keeps its sessions (RAY_TMPDIR, else the system's temp directory): the
@@ -90,9 +81,13 @@ class Console:
         ours.addHandler(handler)
         ours.propagate = False
         self._handler = handler
-        sys.stdout.flush()
-        self._saved_stdout = sys.stdout
-        sys.stdout = sys.stderr  # fd 2: the log file
+        if not isinstance(sys.stdout, _RayMessagesToLog):
+            # For the rest of the process: Ray prints the last of them (repeats it held
+            # back) when it shuts down, at exit. Only that thread's writes are redirected.
+            # Its own descriptor of the log: the same file after a move, and after fd 2 is
+            # given back to the terminal.
+            log = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", 0), write_through=True)
+            sys.stdout = _RayMessagesToLog(sys.stdout, log)
 
     def move_log_into(self, session_dir: str | None) -> None:
         """Move the log file into Ray's session directory once Ray has one (same file, still
@@ -129,6 +124,36 @@ class Console:
             self.out.write("\n")
             self.out.flush()
             self._status_width = 0
+
+
+class _RayMessagesToLog(io.TextIOBase):
+    """``sys.stdout``, except for what Ray's error-listener thread writes, which goes to the
+    log file: the raylet's messages (a worker died, a task will be retried), which Ray prints
+    even without ``log_to_driver``. The thread is told by its name (Ray 2.x's); under another
+    name its lines reach the terminal, as before."""
+
+    THREAD = "ray_listen_error_messages"
+
+    def __init__(self, real: IO[str], log: IO[str]):
+        self.real, self.log = real, log
+
+    def write(self, text: str) -> int:
+        if threading.current_thread().name != self.THREAD:
+            return self.real.write(text)
+        return self.log.write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def isatty(self) -> bool:
+        return self.real.isatty()
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    @property
+    def encoding(self):
+        return self.real.encoding
 
 
 def status_text(rows: int, expected: int | None, errors: int, seconds: float) -> str:
