@@ -10,13 +10,14 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from driver import private_ray_env, stop_private_ray
 
-from pipeline.console import Console, status_text
+from pipeline.console import Console, _RayMessagesToLog, status_text
 from pipeline.digits import write_samples
 from pipeline.report import render_html, render_text
 
@@ -86,6 +87,25 @@ def test_status_line_in_place_on_a_terminal_and_every_few_seconds_in_a_log():
     assert len(printed) == 2  # the first, then none for 10 s, then the forced last one
     assert printed[-1] == "  1,000 / 1,000 rows (100%), 83 rows/s, 0 errors"
     assert status_text(5, None, 0, 1.0) == "  5 rows, 5 rows/s, 0 errors"  # shards: no total
+
+
+def test_ray_s_error_listener_prints_into_the_log_and_everyone_else_to_stdout():
+    """Ray's driver prints the raylet's messages ('A worker died…') to sys.stdout from a thread
+    of its own, even without log_to_driver: those go to the log, any other print does not
+    (the demo prints its accuracy after the run)."""
+    real, log = io.StringIO(), io.StringIO()
+    out = _RayMessagesToLog(real, log)
+    ray_thread = threading.Thread(target=print, args=("(raylet) A worker died",),
+                                  kwargs={"file": out}, name=_RayMessagesToLog.THREAD)
+    ray_thread.start()
+    ray_thread.join()
+    print("accuracy on the sample digits: 16/16", file=out)
+    assert log.getvalue() == "(raylet) A worker died\n"
+    assert real.getvalue() == "accuracy on the sample digits: 16/16\n"
+
+
+def test_ray_s_error_listener_has_the_name_the_console_knows(ray_local):
+    assert _RayMessagesToLog.THREAD in {t.name for t in threading.enumerate()}
 
 
 def test_the_report_of_a_run_holds_the_run_s_numbers(ray_local, tmp_path):
