@@ -26,6 +26,13 @@ def can_drop_root_file_access() -> bool:
     return os.geteuid() == 0 and shutil.which("setpriv") is not None
 
 
+def _ctrl_c_as_from_a_shell() -> None:
+    """In the child, before exec: SIGINT's default disposition, as a shell gives a foreground
+    command. An ignored SIGINT is inherited across exec, and Python then installs no
+    KeyboardInterrupt handler: a test of Ctrl-C would test the test process's disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Driver:
     """``batch-infer`` in a subprocess with a Ray of its own."""
 
@@ -46,6 +53,7 @@ class Driver:
         self.proc = subprocess.Popen(
             cmd, cwd=cwd, env=private_ray_env(self.ray_tmp, env), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, start_new_session=True,
+            preexec_fn=_ctrl_c_as_from_a_shell,
         )
 
     def wait(self, timeout: float = 240) -> subprocess.CompletedProcess:

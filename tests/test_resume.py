@@ -268,7 +268,7 @@ def test_ctrl_c_stops_with_one_line_and_resume_finishes(tmp_path):
     driver.wait_until(lambda: list(out.glob("part-*.parquet")), "a part file")
     os.killpg(driver.proc.pid, signal.SIGINT)
     result = driver.wait(120)
-    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.returncode == 130, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     line = ("batch-infer: interrupted: rows already written are kept; run again with "
             "--resume to finish")
     assert result.stderr.strip().splitlines() == [line], result.stderr[-3000:]
