@@ -53,7 +53,8 @@ class Driver:
         self.proc = subprocess.Popen(
             cmd, cwd=cwd, env=private_ray_env(self.ray_tmp, env), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, start_new_session=True,
-            preexec_fn=_ctrl_c_as_from_a_shell,
+            # Runs between fork and exec; it takes no lock another thread could hold.
+            preexec_fn=_ctrl_c_as_from_a_shell,  # noqa: PLW1509
         )
 
     def wait(self, timeout: float = 240) -> subprocess.CompletedProcess:
