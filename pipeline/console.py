@@ -72,9 +72,7 @@ class Console:
         fd, self.log_path = tempfile.mkstemp(prefix="batch-infer-", suffix=".log", dir=root)
         os.dup2(fd, 2)
         os.close(fd)
-        real = io.TextIOWrapper(os.fdopen(os.dup(self._saved_fd), "wb", 0),
-                                write_through=True)
-        handler = logging.StreamHandler(real)
+        handler = logging.StreamHandler(_text_stream(self._saved_fd))
         handler.setFormatter(logging.Formatter("batch-infer: %(levelname)s: %(message)s"))
         handler.setLevel(logging.WARNING)
         ours = logging.getLogger("pipeline")
@@ -86,8 +84,7 @@ class Console:
             # back) when it shuts down, at exit. Only that thread's writes are redirected.
             # Its own descriptor of the log: the same file after a move, and after fd 2 is
             # given back to the terminal.
-            log = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", 0), write_through=True)
-            sys.stdout = _RayMessagesToLog(sys.stdout, log)
+            sys.stdout = _RayMessagesToLog(sys.stdout, _text_stream(2))
 
     def move_log_into(self, session_dir: str | None) -> None:
         """Move the log file into Ray's session directory once Ray has one (same file, still
@@ -124,6 +121,11 @@ class Console:
             self.out.write("\n")
             self.out.flush()
             self._status_width = 0
+
+
+def _text_stream(fd: int) -> IO[str]:
+    """An unbuffered text stream on a descriptor of its own for what ``fd`` is now."""
+    return io.TextIOWrapper(os.fdopen(os.dup(fd), "wb", 0), write_through=True)
 
 
 class _RayMessagesToLog(io.TextIOBase):

@@ -188,11 +188,11 @@ class DecodeGuard:
         starts afresh."""
         from ray.experimental import internal_kv
 
-        self.close()
         internal_kv._internal_kv_del(self.key, namespace=NAMESPACE)
 
     def close(self) -> None:
-        """Stop the watchdog (Ray reuses the process for other tasks)."""
+        """Stop the watchdog (Ray reuses the process for other tasks); the task's last call,
+        whether it finished or not."""
         self._stop.set()
 
     def _put(self, record: dict) -> None:

@@ -148,8 +148,9 @@ def _why_unidentified(data: bytes, max_pixels: int) -> str:
 
 # The major brands of ISO base media files of images, and what decodes them.
 _ISO_IMAGE_BRANDS = {
-    **dict.fromkeys(("heic", "heix", "hevc", "hevx", "heim", "heis", "hevm", "hevs", "mif1", "msf1"),
-                    "pillow-heif (pip install pillow-heif)"),
+    **dict.fromkeys(
+        ("heic", "heix", "hevc", "hevx", "heim", "heis", "hevm", "hevs", "mif1", "msf1"),
+        "pillow-heif (pip install pillow-heif)"),
     **dict.fromkeys(("avif", "avis"), "Pillow 11.2 or later (pip install -U pillow)"),
 }
 
