@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from driver import private_ray_env, stop_private_ray
+from reference import clip_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -62,6 +63,9 @@ SKIPPED: dict[tuple[str, ...], str] = {
      "torchvision.models.resnet50(weights='IMAGENET1K_V1').state_dict(), "
      "'resnet50.safetensors')"): "needs torch, torchvision and the weights from the network "
                                 "(tests/test_resnet.py loads seeded weights in the same layout)",
+    ("huggingface-cli", "download"): "downloads CLIP's weights from the Hugging Face hub "
+                                     "(network; tests/test_clip.py loads seeded weights in the "
+                                     "same layout)",
     ("docker",): "needs docker and a container registry",
     ("kubectl",): "needs a Kubernetes cluster with KubeRay (tests/test_cluster_config.py "
                   "checks k8s/rayjob.yaml's entrypoint)",
@@ -237,6 +241,8 @@ def test_readme_block_runs(block: list[Command], tmp_path):
     _prepare_inputs(cwd)
     if any("resnet50.safetensors" in c.argv for c in block):
         _resnet_weights(cwd / "resnet50.safetensors")
+    if any("clip-vit-base-patch32/" in c.argv for c in block):
+        clip_weights.write_snapshot(cwd / "clip-vit-base-patch32")
     for cmd in block:
         reason = skip_reason(cmd)
         if reason is not None:

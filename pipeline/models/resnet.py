@@ -128,13 +128,13 @@ def check_state_dict(state: dict[str, np.ndarray]) -> list[str]:
     mistyped = [
         f"'{k}' {state[k].dtype} (expected {'an integer' if k in counters else 'a float'})"
         for k in present
-        if _is_float(state[k].dtype) == (k in counters)
+        if safetensors.is_float(state[k]) == (k in counters)
     ]
     # A well-formed file can still hold garbage (a failed export, a diverged run): NaN weights
     # or a negative variance would only surface as NaN rows, so name them here.
     invalid = [
         f"'{k}'" for k in present
-        if k not in counters and _is_float(state[k].dtype) and (
+        if k not in counters and safetensors.is_float(state[k]) and (
             not np.isfinite(state[k]).all() or k.endswith("running_var") and (state[k] < 0).any()
         )
     ]
@@ -233,7 +233,3 @@ def _blocks():
             # Each stage's first block changes the channel count (layer1's too: 64 -> 256) and,
             # after layer1, the stride, so torchvision projects its shortcut.
             yield f"layer{stage + 1}.{i}", stage, width, i == 0
-
-
-def _is_float(dtype: np.dtype) -> bool:
-    return dtype.kind == "f" or dtype == safetensors.DTYPES["BF16"]  # ml_dtypes' kind is "V"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_dtypes  # ships with jax: numpy's missing bfloat16
@@ -33,8 +34,11 @@ _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 
 
-def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor in the file, as a numpy array of its stored dtype (bf16 via ml_dtypes).
+def read(path: str | os.PathLike, keep: Callable[[str], bool] | None = None
+         ) -> dict[str, np.ndarray]:
+    """Every tensor in the file (those whose names ``keep`` takes, if given: a CLIP
+    checkpoint's vision tower without its text tower), as a numpy array of its stored dtype
+    (bf16 via ml_dtypes).
 
     Raises :class:`pipeline.ModelError` naming the file and the first thing wrong with it
     (too short, header not JSON, an unsupported dtype, offsets out of bounds or inconsistent).
@@ -48,6 +52,8 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
         _check_layout(entries, size - begin_of_data, path)
         out = {}
         for name, (dtype, shape, (begin, _)) in entries.items():
+            if keep is not None and not keep(name):
+                continue
             f.seek(begin_of_data + begin)
             count = math.prod(shape)
             data = np.fromfile(f, dtype=dtype, count=count)  # a fresh, aligned copy
@@ -160,6 +166,11 @@ def _check_layout(entries: dict, buffer_size: int, path: Path) -> None:
             f"{bad}: {buffer_size - position} bytes after the last tensor's data are described by "
             "no header entry."
         )
+
+
+def is_float(arr: np.ndarray) -> bool:
+    """A float tensor, bfloat16 included (ml_dtypes' kind is "V", not "f")."""
+    return arr.dtype.kind == "f" or arr.dtype == DTYPES["BF16"]
 
 
 def _ints(values) -> bool:
