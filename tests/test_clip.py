@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from reference import clip_weights, resnet_weights  # numpy only; shared with the reference
+from reference import vit_weights, resnet_weights  # numpy only; shared with the reference
 
 import pipeline
 from pipeline.decode import decode_image
@@ -38,7 +38,7 @@ def snapshot(tmp_path_factory) -> Path:
     show they are left unread) a few of the text tower's tensors."""
     folder = tmp_path_factory.mktemp("clip-vit-base-patch32")
     (folder / "config.json").write_text(json.dumps(TRANSFORMERS["config"]))
-    state = clip_weights.seeded_state_dict({k: tuple(KEYS[k]["shape"]) for k in VISION_KEYS})
+    state = vit_weights.seeded_state_dict({k: tuple(KEYS[k]["shape"]) for k in VISION_KEYS})
     state["logit_scale"] = np.array(2.6592, np.float32)
     state["text_projection.weight"] = np.zeros(KEYS["text_projection.weight"]["shape"], np.float32)
     state["text_model.final_layer_norm.weight"] = np.full((512,), np.nan, np.float32)
@@ -160,8 +160,8 @@ def test_every_mismatch_in_one_error(snapshot, tmp_path):
 
 
 @pytest.mark.parametrize("case, why", [
-    ("config", "its config.json disagree: hidden_size 64 (the weights: 32); num_attention_heads "
-               "5 does not divide hidden_size 32"),
+    ("config", ("its config.json disagree: hidden_size 64 (the weights: 32); "
+                "num_attention_heads 5 does not divide hidden_size 32")),
     ("activation", "hidden_act 'relu' (supported: quick_gelu, gelu)"),
     ("resnet", "holds no CLIP vision tower"),
     ("pickle", "holds no model.safetensors (pytorch_model.bin is a pickle, which is not read)"),

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from driver import private_ray_env, stop_private_ray
-from reference import clip_weights
+from reference import vit_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -242,7 +242,7 @@ def test_readme_block_runs(block: list[Command], tmp_path):
     if any("resnet50.safetensors" in c.argv for c in block):
         _resnet_weights(cwd / "resnet50.safetensors")
     if any("clip-vit-base-patch32/" in c.argv for c in block):
-        clip_weights.write_snapshot(cwd / "clip-vit-base-patch32")
+        vit_weights.write_snapshot(cwd / "clip-vit-base-patch32")
     for cmd in block:
         reason = skip_reason(cmd)
         if reason is not None:

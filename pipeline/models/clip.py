@@ -155,24 +155,9 @@ def check_state_dict(state: dict[str, np.ndarray], arch: vit.Arch) -> list[str]:
         return [(f"1 missing: '{PROJECTION}' (a CLIPVisionModel without projection has no "
                  "embedding space shared with text; use the CLIPModel or "
                  "CLIPVisionModelWithProjection checkpoint)")]
-    expected = state_dict_shapes(arch, state[PROJECTION].shape[0])
     # transformers before 4.31 stored position_ids as a buffer; it is arange(tokens).
-    ignored = {f"{VISION}embeddings.position_ids"}
-    missing = [f"'{k}'" for k in expected if k not in state]
-    unexpected = [f"'{k}'" for k in state if k not in expected and k not in ignored]
-    present = [k for k in expected if k in state]
-    misshapen = [f"'{k}' {tuple(state[k].shape)} (expected {expected[k]})"
-                 for k in present if tuple(state[k].shape) != expected[k]]
-    nonfloat = [f"'{k}' {state[k].dtype}" for k in present if not safetensors.is_float(state[k])]
-    invalid = [f"'{k}'" for k in present
-               if safetensors.is_float(state[k]) and not np.isfinite(state[k]).all()]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected),
-                         ("misshapen", misshapen), ("not float", nonfloat),
-                         ("non-finite", invalid)):
-        if items:
-            problems.append(f"{len(items)} {label}: " + ", ".join(items))
-    return problems
+    return vit.check_tensors(state, state_dict_shapes(arch, state[PROJECTION].shape[0]),
+                             ignored=frozenset({f"{VISION}embeddings.position_ids"}))
 
 
 def convert(state: dict[str, np.ndarray], arch: vit.Arch) -> dict[str, Any]:

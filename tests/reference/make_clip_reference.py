@@ -15,7 +15,7 @@ It writes, beside itself (about 250 KB in all):
   ``model.safetensors``), text tower included, and the ``config.json`` that
   ``save_pretrained`` writes for it;
 - ``clip_b32_reference.npz``: ``CLIPVisionModelWithProjection``'s ``image_embeds``,
-  L2-normalised, with the vision keys loaded from ``clip_weights.seeded_state_dict`` (seed
+  L2-normalised, with the vision keys loaded from ``vit_weights.seeded_state_dict`` (seed
   ``WEIGHT_SEED``), for ``resnet_weights.reference_inputs(INPUT_SEED, COUNT, 224)``;
 - ``clip_tiny/``: a small CLIP vision tower (``gelu`` as LAION's models use, 16-wide heads,
   64x64 input, 16x16 patches, 2 layers) as ``save_pretrained`` writes it (``config.json`` and
@@ -31,7 +31,7 @@ import json
 import tempfile
 from pathlib import Path
 
-import clip_weights  # beside this script, which Python puts first on sys.path
+import vit_weights  # beside this script, which Python puts first on sys.path
 import numpy as np
 import resnet_weights
 import torch
@@ -43,9 +43,9 @@ HERE = Path(__file__).resolve().parent
 WEIGHT_SEED = 0
 INPUT_SEED = 1
 COUNT = 4
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=64, patch_size=16, projection_dim=24, hidden_act="gelu",
-            layer_norm_eps=1e-6)
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "image_size": 64, "patch_size": 16, "projection_dim": 24,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-6}
 
 
 def main() -> None:
@@ -82,7 +82,7 @@ def _embeddings(model, size: int) -> np.ndarray:
     """Load seeded weights into ``model``; its normalised image embeddings of the reference
     inputs, (COUNT, projection) float32."""
     state = model.state_dict()
-    weights = clip_weights.seeded_state_dict({k: tuple(v.shape) for k, v in state.items()},
+    weights = vit_weights.seeded_state_dict({k: tuple(v.shape) for k, v in state.items()},
                                              WEIGHT_SEED)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
     inputs = resnet_weights.reference_inputs(INPUT_SEED, COUNT, size)  # (N, 3, H, W)

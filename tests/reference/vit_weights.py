@@ -1,5 +1,6 @@
-"""Deterministic CLIP vision-tower weights, numpy only: the same values reach transformers (in
-``make_clip_reference.py``) and our JAX ViT (in ``tests/test_clip.py``).
+"""Deterministic ViT weights (CLIP's vision tower in transformers' names, torchvision's ViTs),
+numpy only: the same values reach transformers and torchvision (in ``make_clip_reference.py``,
+``make_vit_reference.py``) and our JAX ViT (in ``tests/test_clip.py``, ``tests/test_vit.py``).
 
 Each tensor is drawn from its own generator seeded by (seed, crc32 of its key), as in
 ``resnet_weights``. Linears are normal with variance 1/fan_in, so after a LayerNorm queries and
@@ -17,22 +18,24 @@ import numpy as np
 
 
 def seeded_tensor(key: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    """The float32 value of CLIP state-dict entry ``key``."""
+    """The float32 value of ViT state-dict entry ``key``."""
     rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-    leaf = key.rsplit(".", 1)[-1]
-    if "norm" in key or "layrnorm" in key:  # layer_norm1/2, pre_layrnorm, post_layernorm
+    module, _, leaf = key.rpartition(".")
+    if "norm" in module or module.rsplit(".", 1)[-1] in ("ln", "ln_1", "ln_2"):
+        # CLIP's layer_norm1/2, pre_layrnorm, post_layernorm; torchvision's ln_1, ln_2, ln
         values = (1.0 + 0.1 * rng.uniform(-1.0, 1.0, shape) if leaf == "weight"
                   else 0.1 * rng.standard_normal(shape))
-    elif key.endswith("patch_embedding.weight"):  # (D, 3, p, p)
+    elif leaf == "weight" and len(shape) == 4:  # the patch conv, (D, 3, p, p)
         values = rng.standard_normal(shape) * np.sqrt(1.0 / np.prod(shape[1:]))
-    elif key.endswith(("class_embedding", "position_embedding.weight")):
+    elif key.endswith(("class_embedding", "position_embedding.weight", "class_token",
+                       "pos_embedding")):
         values = 0.5 * rng.standard_normal(shape)
-    elif leaf == "weight" and len(shape) == 2:  # torch Linear, (out, in)
+    elif leaf.endswith("weight") and len(shape) == 2:  # torch Linear (out, in); in_proj_weight
         values = rng.standard_normal(shape) * np.sqrt(1.0 / shape[1])
-    elif leaf == "bias":
+    elif leaf.endswith("bias"):
         values = 0.05 * rng.standard_normal(shape)
     else:
-        raise KeyError(f"no seeded rule for CLIP state-dict key '{key}' {shape}")
+        raise KeyError(f"no seeded rule for ViT state-dict key '{key}' {shape}")
     return values.astype(np.float32)
 
 

@@ -1,0 +1,127 @@
+"""torchvision's ViTs (pipeline.models.vit): the loader against torchvision's real vit_b_16
+state-dict layout, the JAX forward pass against torchvision's own logits (committed in
+tests/reference/, no torch needed here), each factory's preprocessing, and the errors. The
+encoder runs through the pipeline in tests/test_clip.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from reference import resnet_weights, vit_weights  # numpy only; shared with the reference
+
+import pipeline
+from pipeline.model import ModelError
+from pipeline.models import safetensors, vit
+
+REFERENCE = Path(__file__).parent / "reference"
+TORCH_KEYS = json.loads((REFERENCE / "vit_b_16_state_dict.json").read_text())["keys"]
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, np.ndarray]:
+    """Seeded values for every key of torchvision's vit_b_16 state dict."""
+    return vit_weights.seeded_state_dict({k: tuple(v["shape"]) for k, v in TORCH_KEYS.items()})
+
+
+@pytest.fixture(scope="module")
+def weights(state, tmp_path_factory) -> Path:
+    """``state`` as the .safetensors file the README's export command writes."""
+    return safetensors.write(tmp_path_factory.mktemp("vit") / "vit_b_16.safetensors", state)
+
+
+@pytest.fixture(scope="module")
+def model(weights) -> pipeline.Model:
+    return vit.build(str(weights))
+
+
+def test_architecture_is_torchvisions_key_for_key(model):
+    arch = model.apply.keywords["arch"]
+    assert arch == vit.Arch(patch=16, dim=768, layers=12, heads=12, mlp=3072, image=224,
+                            activation="gelu", eps=1e-6)
+    ours = vit.torchvision_shapes(arch)
+    assert list(ours) == list(TORCH_KEYS)
+    assert {k: list(s) for k, s in ours.items()} == {k: v["shape"] for k, v in TORCH_KEYS.items()}
+    assert model.name == "vit_b_16" and len(model.spec.class_names) == 1000
+
+
+def test_matches_torchvision_logits(model):
+    """Same seeded weights and inputs as torchvision's run in make_vit_reference.py.
+
+    Tolerance: measured max |diff| 3.3e-6 with logits up to 3.8 (2-core x86 CPU). We allow
+    1e-4 of the largest logit (3.8e-4): ~115x headroom, while real mistakes move logits 120x
+    and more further (measured: quick_gelu for gelu, 0.046; 16 heads for 12, 1.26). LayerNorm's
+    epsilon (1e-6 here, 1e-5 elsewhere) moves them by 1.5e-5 only at these weights, so the
+    test of it is the architecture above."""
+    ref = np.load(REFERENCE / "vit_b_16_reference.npz")
+    x = resnet_weights.reference_inputs(int(ref["input_seed"]), int(ref["count"]), 224)
+    expected = ref["logits"]  # (4, 1000)
+    with jax.default_matmul_precision("highest"):  # no TF32 on A100/H100
+        logits = np.asarray(jax.jit(model.apply)(model.params, x.transpose(0, 2, 3, 1)))
+    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+    np.testing.assert_array_equal(np.argsort(-logits, axis=1)[:, :5],
+                                  np.argsort(-expected, axis=1)[:, :5])
+
+
+def test_each_factory_has_torchvisions_transform(model, weights, tmp_path):
+    """IMAGENET1K_V1: 256 -> 224 bilinear (vit_l_16: 242 -> 224); SWAG: the input size,
+    bicubic, no margin."""
+    assert (model.spec.height, model.spec.resize, model.spec.interpolation) == (
+        224, "center_crop", "bilinear")
+    assert model.spec.crop_fraction == 224 / 256
+    assert model.spec.mean == (0.485, 0.456, 0.406) and model.spec.std == (0.229, 0.224, 0.225)
+    swag = vit.build_swag(str(weights)).spec
+    assert (swag.crop_fraction, swag.interpolation) == (1.0, "bicubic")
+    # A one-layer vit_l_16 shape (width 1024, 16x16 patches, 224 input, a narrow MLP): the
+    # factory tells it from the weights' shapes.
+    arch = vit.Arch(patch=16, dim=1024, layers=1, heads=16, mlp=8, image=224)
+    large = vit_weights.seeded_state_dict(vit.torchvision_shapes(arch))
+    spec = vit.build(str(safetensors.write(tmp_path / "vit_l_16.safetensors", large))).spec
+    assert spec.crop_fraction == 224 / 242
+
+
+def test_every_mismatch_in_one_error(state, tmp_path):
+    broken = dict(state)
+    layer = "encoder.layers.encoder_layer_"
+    del broken[f"{layer}4.ln_2.bias"]
+    broken[f"{layer}12.ln_1.weight"] = np.ones((768,), np.float32)  # a 13th layer, partly
+    broken["heads.head.weight"] = np.zeros((10, 768), np.float32)  # a 10-class fine-tune
+    broken[f"{layer}0.self_attention.in_proj_weight"] = np.full((2304, 768), np.nan, np.float32)
+    path = safetensors.write(tmp_path / "broken.safetensors", broken)
+    with pytest.raises(ModelError) as info:
+        vit.build(str(path))
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    # The partial 13th layer counts as a 13th layer, whose other 11 tensors are missing.
+    for part in (f"12 missing: '{layer}4.ln_2.bias', '{layer}12.ln_1.bias', ",
+                 "'heads.head.weight' (10, 768) (expected (1000, 768))",
+                 f"1 non-finite: '{layer}0.self_attention.in_proj_weight'"):
+        assert part in message
+
+
+@pytest.mark.parametrize("case, why", [
+    ("absent", "No ViT weights at"),
+    ("resnet", "it has no 'conv_proj.weight'"),
+    ("width", "width 512 and 197 position embeddings are none of vit_b_16"),
+])
+def test_wrong_files_say_why(case, why, state, tmp_path):
+    path = tmp_path / "weights.safetensors"
+    if case == "resnet":
+        safetensors.write(path, {"fc.weight": np.zeros((1000, 2048), np.float32)})
+    if case == "width":
+        safetensors.write(path, {"conv_proj.weight": np.zeros((512, 3, 16, 16), np.float32),
+                                 "encoder.pos_embedding": np.zeros((1, 197, 512), np.float32),
+                                 "encoder.layers.encoder_layer_0.mlp.0.weight":
+                                     np.zeros((2048, 512), np.float32)})
+    with pytest.raises(ModelError, match=re.escape(why)) as info:
+        vit.build(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_without_weights_says_how_to_export():
+    with pytest.raises(ModelError, match=re.escape("torchvision.models.vit_b_16(weights=")):
+        pipeline.load_model(None, "pipeline.models.vit:build")
