@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from pipeline.flops import matmul_flops
 from pipeline.spec import ModelError, ModelSpec
 
 if TYPE_CHECKING:
@@ -261,10 +262,11 @@ def check_model(
     try:
         cost = lowered.cost_analysis()
     except Exception:  # an estimate only: some platforms have none before compiling
-        return None
+        cost = None
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    flops = (cost or {}).get("flops")
-    return float(flops) / batch_size if flops and flops > 0 else None
+    # XLA counts a loop's body once; matmul_flops multiplies scans out (see pipeline.flops).
+    flops = max(float((cost or {}).get("flops") or 0.0), matmul_flops(traced.jaxpr))
+    return flops / batch_size if flops > 0 else None
 
 
 def _trace(model: Model, batch_size: int) -> Any:

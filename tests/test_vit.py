@@ -125,3 +125,16 @@ def test_wrong_files_say_why(case, why, state, tmp_path):
 def test_without_weights_says_how_to_export():
     with pytest.raises(ModelError, match=re.escape("torchvision.models.vit_b_16(weights=")):
         pipeline.load_model(None, "pipeline.models.vit:build")
+
+
+def test_flop_estimate_counts_every_block(model):
+    """The plan sizes a GPU's device batch from check_model's FLOPs per image. XLA counts a
+    scan's body once (12x too few here); pipeline.flops multiplies it out. ViT-B/16 by hand:
+    per block 4 D^2 + 2 D M multiply-adds per token and 2 T^2 D for attention; the patch conv
+    196 x D x (3 x 16 x 16); the head D x 1000."""
+    from pipeline.model import check_model
+
+    t, d, m = 197, 768, 3072
+    macs = 12 * (t * (4 * d * d + 2 * d * m) + 2 * t * t * d) + 196 * d * 768 + d * 1000
+    flops = check_model(model, batch_size=32)
+    assert flops == pytest.approx(2 * macs, rel=0.01)  # 35.1 GFLOPs
