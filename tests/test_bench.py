@@ -126,8 +126,8 @@ def test_contestants_label_grayscale_digits_alike(ray_gpu_node, tmp_path):
     assert np.mean([loop[n] == truth[n] for n in loop]) >= 0.9
     assert _labels(tmp_path / "out_pipeline") == loop
     e2e = summarise({k: [v] for k, v in runs.items()}, setup, tmp_path)
-    assert e2e["label_agreement_vs_loop"]["pipeline"] == 1.0
-    assert e2e["label_agreement_vs_loop"]["ray_recipe"] >= 0.9
+    assert e2e["agreement_vs_loop"]["pipeline"] == 1.0
+    assert e2e["agreement_vs_loop"]["ray_recipe"] >= 0.9
     assert e2e["ratio_vs_loop"] == pytest.approx(
         runs["pipeline"]["images_per_second"] / runs["loop"]["images_per_second"])
     e2e["fraction_of_limit"] = {"pipeline": 0.5}
@@ -180,7 +180,7 @@ def test_tree_memory_counts_children():
 def test_model_stage_runs_the_same_model_bare_and_in_an_actor(ray_gpu_node):
     images, _ = digit_images(96)
     stage = model_stage(Setup(gpus=1), images, repeats=1, block=40)  # 40, 40 and 16 rows
-    assert stage["same_labels"] and stage["images"] == 96 and stage["where"] == "ray actor"
+    assert stage["same_answers"] and stage["images"] == 96 and stage["where"] == "ray actor"
     assert stage["bare_images_per_second"] > 0 and stage["predictor_images_per_second"] > 0
 
 
@@ -210,5 +210,39 @@ def test_sweep_compiles_each_device_batch_once_and_precision_agrees():
     assert swept["images"] == 256 and swept["saturates_at"] in (32, 64)
     assert all(r["images_per_second"] > 0 for r in swept["rows"])
     p = model_cost.precision(model, Setup(), images, unique=64, repeats=1)
-    assert p["compared"] == 64 and p["top1_agreement"] >= 0.9
+    assert p["compared"] == 64 and p["agreement"] >= 0.9
     assert "bfloat16 vs float32" in format_report({"precision": p, "sweep": swept})
+
+
+def test_an_embedding_model_is_benched_by_its_vectors(ray_gpu_node, tmp_path):
+    """CLIP (a transformers snapshot, tests/reference/clip_tiny): every contestant writes
+    each image's embedding; the pipeline's agree with the loop's (cosine >= 0.999), as do the
+    Predictor's with the bare model's, and bfloat16's are compared by cosine."""
+    from pathlib import Path
+
+    from pipeline.bench import answers
+    from pipeline.bench.end_to_end import answers_by_name
+
+    tiny = str(Path(__file__).parent / "reference" / "clip_tiny")
+    setup = Setup(model_fn="pipeline.models.clip:build", model=tiny, workload="photos",
+                  image_size=(96, 72))
+    images = make_images(setup, tmp_path, 24)
+    runs = _run_all(setup, images, tmp_path)
+    loop = answers_by_name(tmp_path / "out_loop")
+    assert len(loop) == 24 and all(v.shape == (24,) for v in loop.values())
+    e2e = summarise({k: [v] for k, v in runs.items()}, setup, tmp_path)
+    assert e2e["agreement_vs_loop"]["pipeline"] == 1.0
+    assert 0 <= e2e["agreement_vs_loop"]["ray_recipe"] <= 1  # Ray's own resize: other pixels
+    assert len(answers_by_name(tmp_path / "out_ray_recipe")) == 24
+
+    model = setup.load_model()
+    decoded, _ = decode_sample(image_paths(images), model.spec, repeats=1)
+    stage = model_stage(setup, decoded, repeats=1, block=16)
+    assert stage["same_answers"]
+    p = model_cost.precision(model, setup, decoded, unique=24, repeats=1)
+    assert p["answers"] == "embeddings" and p["min_cosine"] > 0.9
+    report = format_report({"precision": p, "model_stage": stage})
+    assert "embeddings agree (cosine >= 0.99)" in report and "same answers: yes" in report
+    # A different image's embedding is not "the same answer".
+    vectors = np.stack(list(loop.values()))
+    assert not answers.agree(vectors[:1], vectors[1:2])[0]

@@ -78,9 +78,9 @@ def test_gpu_check_quick_without_a_gpu(ray_local, tmp_path, capsys):
     assert tests["exit"] == 0 and tests["failed"] == 0 and tests["skipped"] >= 1
     assert any(f.endswith("test_fusion.py") for f in tests["files"])
     assert result["seed"]["device"].startswith("cpu")
-    assert result["predictor"]["same_labels"] and result["predictor"]["where"] == "in process"
+    assert result["predictor"]["same_answers"] and result["predictor"]["where"] == "in process"
     assert [r["device_batch"] for r in result["sweep"]["rows"]] == [32, 64]
-    assert 0 <= result["precision"]["top1_agreement"] <= 1
+    assert 0 <= result["precision"]["agreement"] <= 1
     run = result["pipeline_run"]
     assert run["images"] == 24 and run["errors"] == 0 and run["fraction_of_limit"] > 0
     assert result["limits"]["limit_images_per_second"] > run["images_per_second"]
@@ -108,7 +108,7 @@ print(json.dumps({"setup": setup.to_json(), "device": device, "here": here}))
 def test_gpu_bench_runs_every_part_on_the_gpu(tmp_path, monkeypatch):
     """On a GPU node: the bench's own process stays on the CPU while its device section (a
     child) computes on the GPU; the loop and the pipeline compute on it too, and agree."""
-    from pipeline.bench.end_to_end import label_agreement, run_contestant
+    from pipeline.bench.end_to_end import agreement, run_contestant
     from pipeline.bench.workload import Setup, make_images
 
     # This pytest process already started CUDA (conftest asks JAX for GPUs): its children
@@ -125,14 +125,14 @@ def test_gpu_bench_runs_every_part_on_the_gpu(tmp_path, monkeypatch):
     device = out["device"]
     for key in ("seed", "model_cost", "precision", "predictor"):
         assert device[key]["device"].startswith("gpu"), (key, device[key]["device"])
-    assert device["predictor"]["same_labels"]
+    assert device["predictor"]["same_answers"]
     images = make_images(setup, tmp_path, 64)
     loop = run_contestant("loop", images, tmp_path, setup)
     assert loop["device"].startswith("gpu")
     run = run_contestant("pipeline", images, tmp_path, setup)
     assert run["plan"]["actor_gpus"] == 1.0 and run["images"] == 64 and not run["errors"]
     # TF32 convolutions may flip a near-tie between the two device batches' programs.
-    assert label_agreement(tmp_path / "out_loop", tmp_path / "out_pipeline") >= 0.95
+    assert agreement(tmp_path / "out_loop", tmp_path / "out_pipeline") >= 0.95
 
 
 def test_node_script_keeps_each_report(tmp_path):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Check a GPU node end to end and keep what it printed: `batch-infer gpu-check` with the bundled
 # digits CNN (the seed table's model), then with ResNet-50 on seeded weights (no download: a model
-# with a GPU's worth of work, ~4 GFLOPs per image). Each writes MODEL.txt and MODEL.json in OUT_DIR.
+# with a GPU's worth of work, ~4 GFLOPs per image); MODELS=clip adds CLIP ViT-B/32 (a transformer,
+# seeded likewise). Each writes MODEL.txt and MODEL.json in OUT_DIR.
 #
 #   tools/gpu_check_node.sh [OUT_DIR]          (default: gpu-check-out; from any directory)
 #
@@ -25,8 +26,8 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 models=${MODELS:-digits resnet50}
 for model in $models; do
     case $model in
-        digits|resnet50) ;;
-        *) echo "unknown model '$model' (digits, resnet50)" >&2; exit 2 ;;
+        digits|resnet50|clip) ;;
+        *) echo "unknown model '$model' (digits, resnet50, clip)" >&2; exit 2 ;;
     esac
 done
 status=0
@@ -41,6 +42,11 @@ for model in $models; do
 from reference.resnet_weights import write_checkpoint
 write_checkpoint(sys.argv[1])" "$weights" || exit 1
             args=(--model-fn pipeline.models.resnet:build --model "$weights") ;;
+        clip)
+            python3 -c "import sys; sys.path.insert(0, 'tests')
+from reference.vit_weights import write_snapshot
+write_snapshot(sys.argv[1])" "$work/clip-vit-b-32" || exit 1  # 350 MB
+            args=(--model-fn pipeline.models.clip:build --model "$work/clip-vit-b-32") ;;
     esac
     # shellcheck disable=SC2086  # GPU_CHECK_ARGS is a list of flags
     timeout "${SECONDS_EACH:-300}" python3 -m pipeline.cli gpu-check --json "$out/$model.json" \

@@ -88,7 +88,6 @@ def prepare(root: Path, *, model_fn: str | None, model: str | None, workload: st
     from pipeline.bench.gpu import probe
     from pipeline.bench.model_cost import save_inputs
     from pipeline.bench.workload import decode_sample, image_paths, make_images, plan_for
-    from pipeline.model import ModelError
     from pipeline.platforms import pin_to_cpu
 
     pin_to_cpu()  # this process only traces, lowers and decodes; GPUs are for the children
@@ -97,9 +96,6 @@ def prepare(root: Path, *, model_fn: str | None, model: str | None, workload: st
     setup = Setup(model_fn=model_fn, model=model, workload=workload, image_size=image_size,
                   gpus=gpus, platform="gpu" if gpus else "cpu")
     loaded = setup.load_model()
-    if loaded.spec.output != "classification":
-        raise ModelError(f"{loaded.source} returns embeddings; the bench compares the "
-                         "contestants' top-1 labels, so it needs a classification model.")
     plan = plan_for(setup, loaded, images)
     setup = dataclasses.replace(setup, device_batch=plan.device_batch_size)
     directory = make_images(setup, root, images)
@@ -112,7 +108,7 @@ def prepare(root: Path, *, model_fn: str | None, model: str | None, workload: st
         "devices": devices, "notes": notes, "setup": dataclasses.asdict(setup),
         "model": {"name": loaded.name, "factory": loaded.factory,
                   "input": "x".join(map(str, loaded.spec.shape)),
-                  "classes": loaded.spec.output_dim},
+                  "output": loaded.spec.output, "classes": loaded.spec.output_dim},
         "plan": plan.to_json(),
         "decode": {"ms_per_image": decode_ms, "files": len(paths), "process": "one, one core"},
         "_inputs": save_inputs(sample, root),

@@ -7,8 +7,9 @@
   num_gpus=1 on a GPU node)`` -> ``write_parquet``.
 * ``pipeline``: ``pipeline.run`` (``gpus_per_actor=1`` on a GPU node), its plan deciding the rest.
 
-Each writes one Parquet row per image with ``path`` and ``label`` (top-1), so that the
-bench can check they computed the same thing. Ray start-up (``ray.init``, then Ray Data's
+Each writes one Parquet row per image with ``path`` and its answer (``label``, the top-1, or
+``embedding``; see :mod:`pipeline.bench.answers`), so that the bench can check they computed
+the same thing. Ray start-up (``ray.init``, then Ray Data's
 per-cluster actors) is timed apart, see :func:`start_ray`.
 """
 
@@ -17,9 +18,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from pipeline.bench import answers
 from pipeline.bench.workload import Setup, image_paths
 
 CONTESTANTS = ("loop", "ray_recipe", "pipeline")
@@ -99,18 +102,29 @@ def _loop(images: str, output: str, setup: Setup) -> dict:
     executor = Executor(model.program(top_k=1), model.params, model.spec.shape,
                         setup.batch_size, setup.device_batch)
     paths = image_paths(Path(images))
-    labels = []
+    found = []
     step = setup.device_batch
     for i in range(0, len(paths), step):
         chunk = paths[i : i + step]
         batch = np.stack([decode_image(Path(p).read_bytes(), model.spec) for p in chunk])
-        labels.append(executor.run(batch)["topk_labels"][:, 0])  # (B, H, W, C) -> (B,)
+        found.append(answers.of(executor.run(batch)))  # (B, H, W, C) -> (B,) or (B, D)
     os.makedirs(output, exist_ok=True)
-    labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
-    pq.write_table(pa.table({"path": paths, "label": labels.astype(np.int32)}),
+    pq.write_table(pa.table({"path": paths, answers.column(model.spec): _column(found)}),
                    f"{output}/loop.parquet")
     return {"images": len(paths), "seconds": time.perf_counter() - start, "init_seconds": 0.0,
             "data_start_seconds": 0.0, "device": executor.describe()}
+
+
+def _column(found: list[np.ndarray]) -> Any:
+    """Answers of all batches as one Arrow column: int32 labels or fixed-size float lists."""
+    import pyarrow as pa
+
+    if not found:
+        return pa.array([], pa.int32())
+    values = np.concatenate(found)
+    if values.ndim == 1:
+        return pa.array(values.astype(np.int32))
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
 def _ray_recipe(images: str, output: str, setup: Setup) -> int:
@@ -119,6 +133,7 @@ def _ray_recipe(images: str, output: str, setup: Setup) -> int:
     import ray
 
     spec = setup.load_model().spec
+    name = answers.column(spec)
 
     class Classifier:
         def __init__(self):
@@ -132,8 +147,9 @@ def _ray_recipe(images: str, output: str, setup: Setup) -> int:
 
         def __call__(self, batch):
             x = batch["image"].reshape(-1, *spec.shape)  # (B, H, W, C) uint8
-            probs = np.asarray(self.forward(self.params, x))
-            return {"path": batch["path"], "label": probs.argmax(axis=1).astype(np.int32)}
+            out = np.asarray(self.forward(self.params, x))  # (B, D) probabilities or vectors
+            answer = out.argmax(axis=1).astype(np.int32) if name == "label" else out
+            return {"path": batch["path"], name: answer}
 
     mode = "L" if spec.channels == 1 else "RGB"
     ds = ray.data.read_images(images, size=(spec.height, spec.width), mode=mode,
@@ -142,7 +158,7 @@ def _ray_recipe(images: str, output: str, setup: Setup) -> int:
     ds = ds.map_batches(Classifier, compute=ray.data.ActorPoolStrategy(size=max(1, setup.gpus)),
                         batch_size=setup.device_batch, **gpus)
     ds.write_parquet(output)
-    return pq.read_table(output, columns=["label"]).num_rows
+    return pq.read_table(output, columns=["path"]).num_rows
 
 
 def _pipeline(images: str, output: str, setup: Setup) -> dict:

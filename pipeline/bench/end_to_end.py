@@ -16,6 +16,9 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from pipeline.bench.contestants import CONTESTANTS
 from pipeline.bench.gpu import spawning
@@ -128,26 +131,45 @@ def summarise(runs: dict[str, list[dict]], setup: Setup, work: Path) -> dict:
             result["first_job_ratio_vs_loop"] = (ours["first_job_images_per_second"]
                                                  / med["loop"]["images_per_second"])
     if "loop" in runs:
-        result["label_agreement_vs_loop"] = {
-            name: label_agreement(work / "out_loop", work / f"out_{name}")
+        result["agreement_vs_loop"] = {
+            name: agreement(work / "out_loop", work / f"out_{name}")
             for name in runs if name != "loop"}
     return result
 
 
-def labels_by_name(output: Path) -> dict[str, int | None]:
-    """File name -> top-1 label of a contestant's output (None on an error row)."""
+def answers_by_name(output: Path) -> dict[str, Any]:
+    """File name -> answer of a contestant's output: its top-1 label, or its embedding as a
+    float array (None on an error row)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(output, columns=["path", "label"])
-    return {os.path.basename(p): label for p, label in
-            zip(table.column("path").to_pylist(), table.column("label").to_pylist())}
+    column = "label" if "label" in pq.read_schema(_a_part(output)).names else "embedding"
+    table = pq.read_table(output, columns=["path", column])
+    values = table.column(column).to_pylist()
+    if column == "embedding":
+        values = [None if v is None else np.asarray(v, np.float32) for v in values]
+    return {os.path.basename(p): v for p, v in zip(table.column("path").to_pylist(), values)}
 
 
-def label_agreement(reference: Path, other: Path) -> float:
-    """Fraction of the reference's images that ``other`` labelled the same (missing: not)."""
-    ref, got = labels_by_name(reference), labels_by_name(other)
-    same = sum(got.get(name) == label for name, label in ref.items())
+def agreement(reference: Path, other: Path) -> float:
+    """Fraction of the reference's images to which ``other`` gave the same answer (same
+    top-1 label, or an embedding within ``answers.SAME_COSINE``; missing: not)."""
+    from pipeline.bench import answers
+
+    ref, got = answers_by_name(reference), answers_by_name(other)
+    same = 0
+    for name, answer in ref.items():
+        theirs = got.get(name)
+        if answer is None or theirs is None:
+            same += answer is None and theirs is None and name in got
+        elif isinstance(answer, np.ndarray):
+            same += bool(answers.agree(answer[None], theirs[None])[0])
+        else:
+            same += answer == theirs
     return same / max(len(ref), 1)
+
+
+def _a_part(output: Path) -> Path:
+    return next(p for p in sorted(Path(output).rglob("*.parquet")) if not p.name.startswith("_"))
 
 
 def memory_scaling(setup: Setup, count: int, factor: int, work: Path) -> dict:

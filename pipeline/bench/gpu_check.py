@@ -125,8 +125,8 @@ def failures(result: dict) -> list[str]:
     if tests.get("ran") and (tests.get("exit") != 0 or tests.get("failed") or tests.get("errors")):
         out.append(f"GPU tests: {tests.get('summary') or tests.get('reason')}")
     for key in ("predictor", "model_stage"):
-        if key in result and not result[key]["same_labels"]:
-            out.append(f"{key}: the Predictor's labels differ from the bare model's")
+        if key in result and not result[key]["same_answers"]:
+            out.append(f"{key}: the Predictor's answers differ from the bare model's")
     run = result["pipeline_run"]
     expected = result["sizes"]["photos"]
     if run["images"] != expected or run.get("errors"):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.bench import answers
 from pipeline.bench.workload import Setup, tiled
 
 
@@ -69,8 +70,9 @@ def sweep(model, setup: Setup, images: np.ndarray, sizes: list[int], repeats: in
 
 
 def precision(model, setup: Setup, images: np.ndarray, unique: int, repeats: int) -> dict:
-    """bfloat16 vs float32 at the setup's device batch, interleaved; top-1 agreement on the
-    first ``unique`` images (the distinct ones; the rest repeat them)."""
+    """bfloat16 vs float32 at the setup's device batch, interleaved; how often the answers
+    agree on the first ``unique`` images (the distinct ones; the rest repeat them): the top-1
+    label, or an embedding within ``answers.BF16_COSINE``."""
     runs = {d: _executor(model, setup, setup.device_batch, d) for d in ("float32", "bfloat16")}
     for executor in runs.values():
         executor.run(images[: setup.device_batch])  # warm
@@ -82,15 +84,19 @@ def precision(model, setup: Setup, images: np.ndarray, unique: int, repeats: int
             rates[dtype].append(len(images) / (time.perf_counter() - start))
     out = {d: runs[d].run(images[:unique]) for d in runs}
     f32, bf16 = (statistics.median(rates[d]) for d in ("float32", "bfloat16"))
-    labels = {d: o["topk_labels"][:, 0] for d, o in out.items()}
-    return {
+    full, low = (answers.of(out[d]) for d in ("float32", "bfloat16"))
+    result = {
         "device": runs["float32"].describe(), "images": len(images), "compared": unique,
         "float32_images_per_second": f32, "bfloat16_images_per_second": bf16,
-        "speedup": bf16 / f32,
-        "top1_agreement": float(np.mean(labels["float32"] == labels["bfloat16"])),
-        "max_top1_score_diff": float(np.max(np.abs(
-            out["float32"]["topk_scores"][:, 0] - out["bfloat16"]["topk_scores"][:, 0]))),
+        "speedup": bf16 / f32, "answers": answers.describe(model.spec),
+        "agreement": float(np.mean(answers.agree(full, low, answers.BF16_COSINE))),
     }
+    if full.ndim == 1:
+        result["max_top1_score_diff"] = float(np.max(np.abs(
+            out["float32"]["topk_scores"][:, 0] - out["bfloat16"]["topk_scores"][:, 0])))
+    else:
+        result["min_cosine"] = float(answers.cosines(full, low).min())
+    return result
 
 
 def device_section(setup: str, inputs: str, count: int, repeats: int, seed_images: int = 0,

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from pipeline.bench import answers
 from pipeline.bench.workload import Setup
 
 TOP_K = 5  # the pipeline's default --top-k: the actor computes what a run computes
@@ -55,16 +56,17 @@ def _compare(bare, call, blocks: list[dict], repeats: int) -> dict:
     rates: dict[str, list[float]] = {"bare": [], "predictor": []}
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
-        labels = [bare.run(b["image"])["topk_labels"][:, 0] for b in blocks]
+        found = [answers.of(bare.run(b["image"])) for b in blocks]
         rates["bare"].append(n / (time.perf_counter() - start))
         start = time.perf_counter()
         results = call(blocks)
         rates["predictor"].append(n / (time.perf_counter() - start))
     b, a = statistics.median(rates["bare"]), statistics.median(rates["predictor"])
-    same = np.array_equal(np.concatenate(labels), np.concatenate([r["label"] for r in results]))
+    same = answers.agree(np.concatenate(found),
+                         np.concatenate([answers.of(r) for r in results])).all()
     return {"images": n, "block_rows": len(blocks[0]["image"]), "device": bare.describe(),
             "device_batch": bare.device_batch, "bare_images_per_second": b,
-            "predictor_images_per_second": a, "ratio": a / b, "same_labels": bool(same)}
+            "predictor_images_per_second": a, "ratio": a / b, "same_answers": bool(same)}
 
 
 def model_stage(setup: Setup, images: np.ndarray, repeats: int = 3,

@@ -73,11 +73,15 @@ def _sweep(sweep: dict | None) -> list[str]:
 def _precision(p: dict | None) -> list[str]:
     if not p:
         return []
+    if "min_cosine" in p:
+        how = (f"embeddings agree (cosine >= 0.99) on {p['agreement']:.1%} of {p['compared']} "
+               f"images (lowest cosine {p['min_cosine']:.5f})")
+    else:
+        how = (f"top-1 agrees on {p['agreement']:.1%} of {p['compared']} images (top-1 score "
+               f"moves by up to {p['max_top1_score_diff']:.3g})")
     return [f"bfloat16 vs float32 — on {p['device']}: float32 "
             f"{p['float32_images_per_second']:,.0f} images/s, bfloat16 "
-            f"{p['bfloat16_images_per_second']:,.0f} ({p['speedup']:.2f}x); top-1 agrees on "
-            f"{p['top1_agreement']:.1%} of {p['compared']} images (top-1 score moves by up to "
-            f"{p['max_top1_score_diff']:.3g})"]
+            f"{p['bfloat16_images_per_second']:,.0f} ({p['speedup']:.2f}x); {how}"]
 
 
 def _stage(stage: dict | None) -> list[str]:
@@ -87,7 +91,7 @@ def _stage(stage: dict | None) -> list[str]:
             f"{stage['block_rows']}-row blocks: bare compiled model "
             f"{stage['bare_images_per_second']:,.0f} images/s, pipeline Predictor "
             f"{stage['predictor_images_per_second']:,.0f} images/s ({stage['ratio']:.2f}x); "
-            f"same labels: {'yes' if stage['same_labels'] else 'NO'}"]
+            f"same answers: {'yes' if stage['same_answers'] else 'NO'}"]
 
 
 def _limit(limit: dict | None) -> list[str]:
@@ -120,9 +124,10 @@ def _end_to_end(e2e: dict | None) -> list[str]:
     if "first_job_ratio_vs_loop" in e2e:
         lines.append("  a cluster's first Ray Data job also starts its data actors: pipeline / "
                      f"loop {e2e['first_job_ratio_vs_loop']:.2f}x with that time counted")
-    agreement = e2e.get("label_agreement_vs_loop")
+    agreement = e2e.get("agreement_vs_loop")
     if agreement:
-        lines.append("  top-1 labels agree with the loop's: "
+        lines.append("  answers (top-1 labels, or embeddings within cosine 0.999) agree with "
+                     "the loop's: "
                      + ", ".join(f"{k} {v:.1%}" for k, v in agreement.items()))
     pipeline = e2e["median"].get("pipeline", {})
     if pipeline.get("first_result_seconds") is not None:
