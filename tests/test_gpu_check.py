@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from pipeline.bench import gpu, limits
-from pipeline.cli import main
 
 EXPECTED_KEYS = {"gpu", "quick", "devices", "nvidia_smi", "notes", "pytest", "seed", "decode",
                  "model_cost", "sweep", "precision", "predictor", "limits", "pipeline_run",
@@ -60,30 +59,6 @@ def test_sections_run_in_a_child_on_one_gpu_when_the_setup_computes_on_a_gpu(
                      inputs=save_inputs(images, tmp_path), count=64, repeats=1,
                      with_precision=False)
     assert result["model_cost"]["device_batch"] == 32 and result["model_cost"]["images"] == 128
-
-
-def test_gpu_check_quick_without_a_gpu(ray_local, tmp_path, capsys):
-    """The CPU-safe part, through the CLI: every section on the CPU, labelled so, the GPU
-    tests run (and skipped), the Predictor's labels the bare model's, every photo a row."""
-    out = tmp_path / "check.json"
-    code = main(["gpu-check", "--quick", "--photos", "24", "--work", str(tmp_path / "work"),
-                 "--json", str(out)])
-    printed = capsys.readouterr().out
-    result = json.loads(out.read_text())
-    assert code == 0, result["failures"]
-    assert EXPECTED_KEYS <= set(result) and result["gpu"] is False and result["ok"]
-    assert "no GPU" in result["notes"][0] and "no GPU" in printed and "RESULT: ok" in printed
-    assert result["devices"]["platform"] == "cpu"
-    tests = result["pytest"]
-    assert tests["exit"] == 0 and tests["failed"] == 0 and tests["skipped"] >= 1
-    assert any(f.endswith("test_fusion.py") for f in tests["files"])
-    assert result["seed"]["device"].startswith("cpu")
-    assert result["predictor"]["same_answers"] and result["predictor"]["where"] == "in process"
-    assert [r["device_batch"] for r in result["sweep"]["rows"]] == [32, 64]
-    assert 0 <= result["precision"]["agreement"] <= 1
-    run = result["pipeline_run"]
-    assert run["images"] == 24 and run["errors"] == 0 and run["fraction_of_limit"] > 0
-    assert result["limits"]["limit_images_per_second"] > run["images_per_second"]
 
 
 _BENCH_PARENT = """
@@ -137,15 +112,16 @@ def test_gpu_bench_runs_every_part_on_the_gpu(tmp_path, monkeypatch):
 
 def test_node_script_keeps_each_report(tmp_path):
     """tools/gpu_check_node.sh, as a node without the package installed runs it (the checkout
-    on PYTHONPATH): each model's report as text and JSON and nothing else in OUT_DIR, the JAX
-    version recorded; an unknown model name is refused before any check runs."""
+    on PYTHONPATH), with `batch-infer gpu-check --quick` on a machine without a GPU: each
+    model's report as text and JSON and nothing else in OUT_DIR, the JAX version recorded,
+    the report's contents; an unknown model name is refused before any check runs."""
     from driver import private_ray_env, stop_private_ray
 
     script = Path(__file__).resolve().parents[1] / "tools" / "gpu_check_node.sh"
     ray_tmp = tempfile.mkdtemp(prefix="bi-node-", dir="/tmp")  # short: socket paths
     env = private_ray_env(ray_tmp, {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "MODELS": "digits", "GPU_CHECK_ARGS": "--quick --photos 8"})
+        "MODELS": "digits", "GPU_CHECK_ARGS": "--quick --photos 24"})
     try:
         proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=600)
@@ -154,10 +130,24 @@ def test_node_script_keeps_each_report(tmp_path):
     out = tmp_path / "out"
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["digits.json", "digits.txt", "node.txt"]
-    result = json.loads((out / "digits.json").read_text())
-    assert result["ok"] and result["pipeline_run"]["images"] == 8
-    assert "RESULT: ok" in (out / "digits.txt").read_text()
     assert "jax " in (out / "node.txt").read_text()
+    # The CPU-safe part of gpu-check: every section on the CPU, labelled so, the GPU tests run
+    # (and skipped), the Predictor's answers the bare model's, every photo a row.
+    result = json.loads((out / "digits.json").read_text())
+    printed = (out / "digits.txt").read_text()
+    assert EXPECTED_KEYS <= set(result) and result["gpu"] is False and result["ok"]
+    assert "no GPU" in result["notes"][0] and "no GPU" in printed and "RESULT: ok" in printed
+    assert result["devices"]["platform"] == "cpu"
+    tests = result["pytest"]
+    assert tests["exit"] == 0 and tests["failed"] == 0 and tests["skipped"] >= 1
+    assert any(f.endswith("test_fusion.py") for f in tests["files"])
+    assert result["seed"]["device"].startswith("cpu")
+    assert result["predictor"]["same_answers"] and result["predictor"]["where"] == "in process"
+    assert [r["device_batch"] for r in result["sweep"]["rows"]] == [32, 64]
+    assert 0 <= result["precision"]["agreement"] <= 1
+    run = result["pipeline_run"]
+    assert run["images"] == 24 and run["errors"] == 0 and run["fraction_of_limit"] > 0
+    assert result["limits"]["limit_images_per_second"] > run["images_per_second"]
 
     refused = subprocess.run(["bash", str(script), str(tmp_path / "other")],
                              env={**env, "MODELS": "digits vgg"}, capture_output=True,
