@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from reference import vit_weights, resnet_weights  # numpy only; shared with the reference
+from reference import resnet_weights, vit_weights  # numpy only; shared with the reference
 
 import pipeline
 from pipeline.decode import decode_image
@@ -100,6 +100,20 @@ def test_a_snapshot_as_transformers_saves_it():
             patch=16, dim=32, layers=2, heads=2, mlp=64, image=64, activation="gelu", eps=1e-6,
             pre_norm=True, unit_output=True)
         assert np.abs(_embed(model, 64) - expected).max() <= 1e-5
+
+
+def test_the_hub_cache_folder_finds_its_snapshot(tmp_path):
+    """``huggingface-cli download`` without --local-dir: models--org--name/ holds refs/main
+    (the commit) and snapshots/COMMIT/ with the files."""
+    repo = tmp_path / "models--laion--tiny-clip"
+    shutil.copytree(TINY, repo / "snapshots" / "0123abc")
+    shutil.copytree(TINY, repo / "snapshots" / "old")
+    with pytest.raises(ModelError, match="2 snapshots and no refs/main"):
+        clip.build(str(repo))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc\n")
+    shutil.rmtree(repo / "snapshots" / "old")
+    assert clip.build(str(repo)).spec.embedding_dim == 24
 
 
 def test_a_bare_file_uses_openais_defaults(snapshot, model, tmp_path):

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.bench import answers
 from pipeline.bench.contestants import CONTESTANTS
 from pipeline.bench.gpu import spawning
 from pipeline.bench.workload import Setup, make_images
@@ -153,8 +154,6 @@ def answers_by_name(output: Path) -> dict[str, Any]:
 def agreement(reference: Path, other: Path) -> float:
     """Fraction of the reference's images to which ``other`` gave the same answer (same
     top-1 label, or an embedding within ``answers.SAME_COSINE``; missing: not)."""
-    from pipeline.bench import answers
-
     ref, got = answers_by_name(reference), answers_by_name(other)
     same = 0
     for name, answer in ref.items():

@@ -4,7 +4,8 @@ users download, as unit-length vectors (a dot product is the cosine similarity).
 ``batch-infer run --model-fn pipeline.models.clip:build --model clip-vit-base-patch32/ ...``
 
 ``--model`` is a Hugging Face snapshot directory (``config.json`` and ``model.safetensors``,
-as ``huggingface-cli download openai/clip-vit-base-patch32`` leaves them), or a
+as ``huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR`` leaves them), the
+hub cache's folder for the model (``models--openai--clip-vit-base-patch32``), or a
 ``.safetensors`` file. Both the whole ``CLIPModel`` checkpoint (the text tower is left
 unread) and a ``CLIPVisionModelWithProjection`` one load. The architecture is transformers'
 ``CLIPVisionTransformer`` (:mod:`pipeline.models.vit` with CLIP's extra LayerNorm before the
@@ -196,6 +197,8 @@ def convert(state: dict[str, np.ndarray], arch: vit.Arch) -> dict[str, Any]:
 
 def _files(path: Path) -> tuple[Path, dict | None, dict | None]:
     """(weights file, vision config or None, preprocessor config or None) for ``--model``."""
+    if (path / "snapshots").is_dir():  # the hub cache's models--org--name/ folder
+        path = _cached_snapshot(path)
     if path.is_dir():
         weights = path / "model.safetensors"
         if not weights.is_file():
@@ -216,6 +219,21 @@ def _files(path: Path) -> tuple[Path, dict | None, dict | None]:
     if config is not None:
         config = config.get("vision_config", config)  # CLIPModel nests it; the vision model not
     return weights, config, _json(folder / "preprocessor_config.json")
+
+
+def _cached_snapshot(repo: Path) -> Path:
+    """The snapshot of a Hugging Face cache folder (``huggingface-cli download`` without
+    ``--local-dir`` leaves ``~/.cache/huggingface/hub/models--openai--clip-vit-base-patch32/``
+    with ``refs/main`` naming the commit under ``snapshots/``)."""
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        return repo / "snapshots" / ref.read_text().strip()
+    found = sorted(p for p in (repo / "snapshots").iterdir() if p.is_dir())
+    if len(found) != 1:
+        raise ModelError(
+            f"'{repo}' is a Hugging Face cache folder with {len(found)} snapshots and no "
+            "refs/main; pass one of its snapshots/ folders as --model.")
+    return found[0]
 
 
 def _json(path: Path) -> dict | None:
