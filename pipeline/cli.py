@@ -53,7 +53,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint for the model factory (default: the bundled digits CNN)")
     p.add_argument("--model-fn", metavar="MODULE:FUNCTION",
                    help="model factory returning pipeline.Model (default: "
-                   "pipeline.models.digits_cnn:build; ResNet-50: pipeline.models.resnet:build)")
+                   "pipeline.models.digits_cnn:build). Bundled: pipeline.models.resnet:build "
+                   "(ResNet-50, torchvision/timm weights), pipeline.models.vit:build and "
+                   ":build_swag (torchvision ViTs), pipeline.models.clip:build (CLIP image "
+                   "embeddings from a Hugging Face snapshot)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="the model's batch: the unit of padding and of error isolation, "
                    "compiled once (default: 32)")
