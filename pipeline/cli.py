@@ -50,7 +50,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id-column", default="id", metavar="NAME",
                    help="parquet: the column of unique row ids (default: id)")
     p.add_argument("--model", metavar="PATH",
-                   help="checkpoint for the model factory (default: the bundled digits CNN)")
+                   help="checkpoint for the model factory: a file or folder, or an s3:// URI "
+                   "(copied once per machine to ~/.cache/batch-infer/models; default: the "
+                   "bundled digits CNN)")
     p.add_argument("--model-fn", metavar="MODULE:FUNCTION",
                    help="model factory returning pipeline.Model (default: "
                    "pipeline.models.digits_cnn:build). Bundled: pipeline.models.resnet:build "

@@ -288,12 +288,17 @@ def load_model(path: str | os.PathLike | None = None, model_fn: str | None = Non
 
     ``model_fn`` is ``"package.module:function"``; the function is called as ``fn(path)``
     and must return a :class:`Model`. ``path`` is passed through (``None`` means the factory's
-    own default weights). Every failure is a :class:`ModelError` naming the factory.
+    own default weights), except a URI (``s3://...``), whose file or folder is copied once to
+    this machine's cache and passed as that copy (:mod:`pipeline.model_files`). Every failure
+    is a :class:`ModelError` naming the factory.
     """
+    from pipeline.model_files import resolve
+
     spec = model_fn or DEFAULT_MODEL_FN
     factory = import_factory(spec)
+    local = resolve(os.fspath(path) if path is not None else None)
     try:
-        model = factory(os.fspath(path) if path is not None else None)
+        model = factory(local)
     except ModelError as e:
         raise ModelError(f"Model factory '{spec}': {e}") from e
     except FileNotFoundError as e:

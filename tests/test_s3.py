@@ -168,3 +168,52 @@ def test_missing_bucket_prefix_is_one_clear_error(s3, tmp_path):
 
     with pytest.raises(InputError, match=f"s3://{BUCKET}/nothing-here"):
         pipeline.run(f"s3://{BUCKET}/nothing-here", str(tmp_path / "out"))
+
+
+def test_model_weights_at_a_uri_are_copied_once_per_machine(s3, sample_dir, tmp_path):
+    """--model s3://... (a snapshot folder): the driver and the actor each load it from this
+    machine's cache, filled once; a changed object is fetched again; a single object is
+    copied as a file; a URI with nothing under it is one clear error."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from pipeline import model_files
+    from pipeline.model import ModelError
+    from pipeline.models import clip
+
+    tiny = Path(__file__).parent / "reference" / "clip_tiny"
+    for f in sorted(tiny.iterdir()):
+        with s3.open_output_stream(f"{BUCKET}/models/clip_tiny/{f.name}") as out:
+            out.write(f.read_bytes())
+    uri = f"s3://{BUCKET}/models/clip_tiny"
+    copies = []
+    try:
+        summary = pipeline.run(str(sample_dir), str(tmp_path / "out"),
+                               model_fn="pipeline.models.clip:build", model=uri)
+        assert summary.rows_ok == 40
+        assert {r["model"] for r in pq.read_table(tmp_path / "out").to_pylist()} == {
+            clip.build(str(tiny)).fingerprint}
+        local = Path(model_files.local_path(uri))
+        copies.append(local.parent)
+        assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
+        assert (local / "model.safetensors").read_bytes() == (
+            tiny / "model.safetensors").read_bytes()
+        fetched = os.stat(local / "model.safetensors").st_mtime_ns
+        assert Path(model_files.local_path(uri)) == local  # the run's copy, not a new one
+        assert os.stat(local / "model.safetensors").st_mtime_ns == fetched
+
+        with s3.open_output_stream(f"{BUCKET}/models/clip_tiny/config.json") as out:
+            out.write((tiny / "config.json").read_bytes().replace(b'"gelu"', b'"quick_gelu"'))
+        changed = Path(model_files.local_path(uri))
+        copies.append(changed.parent)
+        assert changed != local and b"quick_gelu" in (changed / "config.json").read_bytes()
+
+        single = Path(model_files.local_path(f"{uri}/model.safetensors"))
+        copies.append(single.parent)
+        assert single.is_file() and single.name == "model.safetensors"
+        with pytest.raises(ModelError, match="No model weights at 's3://"):
+            pipeline.load_model(f"s3://{BUCKET}/models/nothing", "pipeline.models.clip:build")
+    finally:
+        for copy in copies:
+            shutil.rmtree(copy, ignore_errors=True)

@@ -1,0 +1,95 @@
+"""Model weights at a URI (``--model s3://bucket/models/clip-vit-base-patch32/``): copied once
+per machine into a local cache, whose path the factory then receives.
+
+On a cluster the factory runs in the driver and in every inference actor, on nodes that
+share no disk; an object store is what they share. A URI naming one object is copied as that
+file; a URI naming a prefix is copied as a folder (a Hugging Face snapshot, a checkpoint
+directory), everything under it. The copy lives in ``~/.cache/batch-infer/models/KEY/``,
+where KEY digests the URI and each object's size and modification time, so a changed object
+is fetched again and an unchanged one never is. Processes on one machine (a node's actors)
+take a lock (one per cache), so one of them downloads while the others wait and reuse its
+copy; a download goes to a temporary folder renamed into place when complete, so a killed
+download leaves no half-copied weights. Nothing is ever evicted: delete the folder to reclaim
+the space.
+
+Credentials and endpoint come from the environment, as for inputs and outputs
+(:func:`pipeline.read.filesystem`); the pipeline hands its actors the driver's settings.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from pipeline.read import filesystem, is_uri
+from pipeline.spec import ModelError
+
+CACHE = Path.home() / ".cache" / "batch-infer" / "models"
+
+
+def local_path(model: str, cache: Path | None = None) -> str:
+    """``model``'s local copy: the cached file or folder a URI names, fetched if needed."""
+    fs, root = filesystem(model)
+    try:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            objects = [info]
+        elif info.type == pafs.FileType.Directory:
+            objects = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                       if i.type == pafs.FileType.File]
+        else:
+            objects = []
+    except OSError as e:
+        raise ModelError(f"Cannot read the model weights at '{model}': {e}") from e
+    if not objects:
+        raise ModelError(f"No model weights at '{model}' (no such object or prefix).")
+    single = info.type == pafs.FileType.File
+    name = root.rstrip("/").rsplit("/", 1)[-1] or "model"
+    identity = [model] + sorted(f"{_relative(i.path, root, single)} {i.size} {i.mtime_ns}"
+                                for i in objects)
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+    base = cache or CACHE
+    target = base / key
+    if not (target / name).exists():
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(base / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one download at a time per machine
+            if not (target / name).exists():
+                _download(fs, root, objects, single, base, target, name, model)
+    return str(target / name)
+
+
+def resolve(model: str | None) -> str | None:
+    """``model`` as a factory receives it: a URI's local copy, anything else unchanged."""
+    return local_path(model) if model and is_uri(model) else model
+
+
+def _download(fs, root: str, objects, single: bool, base: Path, target: Path, name: str,
+              model: str) -> None:
+    partial = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=base))
+    try:
+        for info in objects:
+            local = partial / name
+            if not single:
+                local = local / _relative(info.path, root, single)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 * 2**20)
+        if target.exists():  # a copy someone emptied by hand
+            shutil.rmtree(target)
+        os.replace(partial, target)  # complete, or not there at all
+    except OSError as e:
+        raise ModelError(f"Cannot copy the model weights at '{model}' to '{base}': {e}") from e
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _relative(path: str, root: str, single: bool) -> str:
+    return "" if single else path[len(root.rstrip("/")) + 1:]
