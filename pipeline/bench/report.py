@@ -20,7 +20,9 @@ def _header(result: dict) -> list[str]:
     model, setup = result.get("model"), result.get("setup")
     if model and setup:
         width, height = setup["image_size"]
-        lines.append(f"Model {model['name']} ({model['input']}, {model['classes']} classes) on "
+        outputs = (f"{model['classes']}-d embeddings" if model.get("output") == "embedding"
+                   else f"{model['classes']} classes")
+        lines.append(f"Model {model['name']} ({model['input']}, {outputs}) on "
                      f"the {setup['workload']} workload (JPEGs {width}x{height}); device batch "
                      f"{setup['device_batch']} (the plan's), unit {setup['batch_size']}")
     return lines
