@@ -182,23 +182,29 @@ SHARDED = textwrap.dedent("""
     import json, numpy as np, jax
     from pipeline.device import Executor
     from pipeline.model import load_model
-    m = load_model()
     assert len(jax.devices()) == 2, jax.devices()
-    x = np.random.default_rng(0).integers(0, 256, (200, 32, 32, 1), np.uint8)
-    one = Executor(m.program(top_k=5, logits=True), m.params, m.spec.shape, 32, 64,
-                   devices=jax.devices()[:1]).run(x)
-    two = Executor(m.program(top_k=5, logits=True), m.params, m.spec.shape, 32, 64,
-                   devices=jax.devices())
-    out = two.run(x)
-    compiled, sharding = two._programs[64]
-    print(json.dumps({
-        "same": all(np.array_equal(one[k], out[k]) for k in one),
-        "close": all(np.allclose(one[k], out[k], atol=1e-5) for k in one),
-        "input_devices": len(compiled.input_shardings[0][1].device_set),
-        "partitions": compiled.as_text().count("num_partitions=2"),
-        "params_devices": len(jax.tree_util.tree_leaves(two.params)[0].sharding.device_set),
-        "spec": str(sharding.spec),
-    }))
+    found = {}
+    # The digits CNN (convs) and a small CLIP (a ViT: attention, blocks under lax.scan).
+    for name, path, fn in (("digits", None, None),
+                           ("clip", "tests/reference/clip_tiny", "pipeline.models.clip:build")):
+        m = load_model(path, fn)
+        x = np.random.default_rng(0).integers(0, 256, (200, *m.spec.shape), np.uint8)
+        top_k = 5 if m.spec.output == "classification" else None
+        one = Executor(m.program(top_k=top_k, logits=top_k is not None), m.params,
+                       m.spec.shape, 32, 64, devices=jax.devices()[:1]).run(x)
+        two = Executor(m.program(top_k=top_k, logits=top_k is not None), m.params,
+                       m.spec.shape, 32, 64, devices=jax.devices())
+        out = two.run(x)
+        compiled, sharding = two._programs[64]
+        found[name] = {
+            "same": all(np.array_equal(one[k], out[k]) for k in one),
+            "close": all(np.allclose(one[k], out[k], atol=1e-5) for k in one),
+            "input_devices": len(compiled.input_shardings[0][1].device_set),
+            "partitions": compiled.as_text().count("num_partitions=2"),
+            "params_devices": len(jax.tree_util.tree_leaves(two.params)[0].sharding.device_set),
+            "spec": str(sharding.spec),
+        }
+    print(json.dumps(found))
 """)
 
 
@@ -208,10 +214,12 @@ def test_two_devices_shard_each_device_batch_and_agree_with_one():
     result = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
                             text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
-    assert got["close"], got  # a row split over two devices computes the same numbers
-    assert got["input_devices"] == 2 and got["params_devices"] == 2  # replicated once
-    assert got["partitions"] >= 1 and got["spec"] in ("P('data',)", "PartitionSpec('data',)")
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(found) == {"digits", "clip"}
+    for got in found.values():
+        assert got["close"], got  # a row split over two devices computes the same numbers
+        assert got["input_devices"] == 2 and got["params_devices"] == 2  # replicated once
+        assert got["partitions"] >= 1 and got["spec"] in ("P('data',)", "PartitionSpec('data',)")
 
 
 def _mixing_apply(params, x):  # (B, H, W, C): subtracts the batch mean, like BatchNorm training
