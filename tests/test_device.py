@@ -212,7 +212,7 @@ def test_two_devices_shard_each_device_batch_and_agree_with_one():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
-                            text=True, timeout=300, cwd=REPO)
+                            text=True, timeout=300, cwd=REPO, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(found) == {"digits", "clip"}
