@@ -57,8 +57,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="model factory returning pipeline.Model (default: "
                    "pipeline.models.digits_cnn:build). Bundled: pipeline.models.resnet:build "
                    "(ResNet-50, torchvision/timm weights), pipeline.models.vit:build and "
-                   ":build_swag (torchvision ViTs), pipeline.models.clip:build (CLIP image "
-                   "embeddings from a Hugging Face snapshot)")
+                   ":build_swag (torchvision ViTs), pipeline.models.timm_vit:build (timm "
+                   "ViTs), pipeline.models.clip:build (CLIP image embeddings from a Hugging "
+                   "Face snapshot)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="the model's batch: the unit of padding and of error isolation, "
                    "compiled once (default: 32)")

@@ -138,3 +138,66 @@ def test_flop_estimate_counts_every_block(model):
     macs = 12 * (t * (4 * d * d + 2 * d * m) + 2 * t * t * d) + 196 * d * 768 + d * 1000
     flops = check_model(model, batch_size=32)
     assert flops == pytest.approx(2 * macs, rel=0.01)  # 35.1 GFLOPs
+
+
+# --- timm's ViTs ------------------------------------------------------------------------------
+
+TIMM_SMALL = np.load(REFERENCE / "timm_vit_small_reference.npz")
+TIMM_KEYS = json.loads((REFERENCE / "timm_vit_small_state_dict.json").read_text())["keys"]
+TIMM_TINY = REFERENCE / "timm_tiny"  # timm's save_for_hf files: avg pool, layer scale, norm_pre
+
+
+def _timm_logits(model: pipeline.Model, size: int) -> np.ndarray:
+    x = resnet_weights.reference_inputs(1, 4, size).transpose(0, 2, 3, 1)
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(jax.jit(model.apply)(model.params, x))
+
+
+def test_timm_vit_small_matches_timm(tmp_path):
+    """vit_small_patch16_224 (6 heads) as a snapshot folder: timm's keys in its order, its
+    config.json's preprocessing, and logits equal to timm's on the same seeded weights
+    (measured max |diff| 3.8e-6 with logits up to 4.1; tolerance as for vit_b_16)."""
+    from pipeline.models import timm_vit
+
+    state = vit_weights.seeded_state_dict({k: tuple(v["shape"]) for k, v in TIMM_KEYS.items()})
+    safetensors.write(tmp_path / "model.safetensors", state)
+    (tmp_path / "config.json").write_text(str(TIMM_SMALL["config"]))  # save_for_hf's
+    model = timm_vit.build(str(tmp_path))
+    arch = model.apply.keywords["arch"]
+    assert (arch.dim, arch.heads, arch.layers, arch.pool, arch.pre_norm) == (384, 6, 12, "token",
+                                                                           False)
+    assert list(timm_vit.state_dict_shapes(arch, state)) == list(TIMM_KEYS)
+    assert model.name == "vit_small_patch16_224" and model.spec.class_names[0] == "tench"
+    assert (model.spec.crop_fraction, model.spec.interpolation) == (0.9, "bicubic")
+    assert model.spec.mean == (0.5, 0.5, 0.5) and model.spec.std == (0.5, 0.5, 0.5)
+    expected = TIMM_SMALL["logits"]
+    assert np.abs(_timm_logits(model, 224) - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_timm_variants_average_pool_layer_scale_and_no_head(tmp_path):
+    """A ViT as timm's save_for_hf writes it: average pooling (fc_norm), layer scale, a
+    LayerNorm before the blocks, no patch bias, 2 heads from model_args, 10 classes named by
+    number; the same without its head is an embedding model; register tokens are refused."""
+    from pipeline.models import timm_vit
+
+    model = timm_vit.build(str(TIMM_TINY))
+    assert model.apply.keywords["arch"] == vit.Arch(
+        patch=16, dim=32, layers=2, heads=2, mlp=64, image=64, eps=1e-6, pre_norm=True,
+        pool="avg")
+    assert model.spec.class_names == tuple(map(str, range(10)))
+    expected = np.load(REFERENCE / "timm_tiny_reference.npz")["logits"]
+    assert np.abs(_timm_logits(model, 64) - expected).max() <= 1e-4 * np.abs(expected).max()
+
+    state = safetensors.read(TIMM_TINY / "model.safetensors")
+    headless = {k: v for k, v in state.items() if not k.startswith("head.")}
+    features = timm_vit.build(str(safetensors.write(tmp_path / "features.safetensors", headless)))
+    assert features.spec.output == "embedding" and features.spec.embedding_dim == 32
+    # No config.json beside it: the defaults of timm's vit_* weights, and 64-wide heads.
+    assert (features.spec.crop_fraction, features.spec.mean) == (0.9, (0.5, 0.5, 0.5))
+    assert features.apply.keywords["arch"].heads == 1
+
+    registers = {**state, "reg_token": np.zeros((1, 4, 32), np.float32)}
+    with pytest.raises(ModelError, match="1 unexpected: 'reg_token'"):
+        timm_vit.build(str(safetensors.write(tmp_path / "reg.safetensors", registers)))
+    with pytest.raises(ModelError, match="huggingface-cli download timm/vit_base_patch16_224"):
+        pipeline.load_model(None, "pipeline.models.timm_vit:build")

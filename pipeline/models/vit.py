@@ -1,5 +1,6 @@
 """Vision Transformers in plain JAX (NHWC): the encoder shared by the factories that load
-published ViT weights, and torchvision's ImageNet ViTs.
+published ViT weights (:mod:`pipeline.models.clip`, :mod:`pipeline.models.timm_vit`), and
+torchvision's ImageNet ViTs.
 
 ``batch-infer run --model-fn pipeline.models.vit:build --model vit_b_16.safetensors ...``
 (``build_swag`` for torchvision's SWAG weights; :mod:`pipeline.models.clip` for CLIP).
@@ -49,6 +50,7 @@ class Arch:
     eps: float = 1e-6
     pre_norm: bool = False  # CLIP's LayerNorm before the first block
     unit_output: bool = False  # L2-normalise the head's output (CLIP embeddings)
+    pool: Literal["token", "avg"] = "token"  # the class token, or the mean of the patches
 
     @property
     def tokens(self) -> int:
@@ -78,7 +80,9 @@ def stack_blocks(blocks: list[dict[str, np.ndarray]]) -> dict[str, dict[str, np.
 
 
 def apply(params: dict[str, Any], x, *, arch: Arch):
-    """(B, image, image, 3) normalised -> (B, K): the head's output for the class token."""
+    """(B, image, image, 3) normalised -> (B, K): the head's output for the class token (or
+    the patches' mean); without a ``head`` in ``params``, the pooled features (B, D). A block
+    with ``ls1``/``ls2`` scales its branches (layer scale)."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -102,20 +106,26 @@ def apply(params: dict[str, Any], x, *, arch: Arch):
         q, k, v = (t.reshape(b, -1, arch.heads, arch.dim // arch.heads)
                    for t in jnp.split(qkv, 3, axis=-1))  # (B, T, heads, D/heads)
         a = jax.nn.dot_product_attention(q, k, v).reshape(b, -1, arch.dim)  # (B, T, D)
-        y = y + a @ p["out"]["w"] + p["out"]["b"]
+        y = y + _scaled(a @ p["out"]["w"] + p["out"]["b"], p.get("ls1"))
         h = _layer_norm(y, p["norm2"], arch.eps)
         h = _activation(h @ p["fc1"]["w"] + p["fc1"]["b"], arch.activation)  # (B, T, M)
-        return y + h @ p["fc2"]["w"] + p["fc2"]["b"], None
+        return y + _scaled(h @ p["fc2"]["w"] + p["fc2"]["b"], p.get("ls2")), None
 
     y, _ = lax.scan(block, y, params["blocks"])
-    pooled = _layer_norm(y[:, 0], params["norm"], arch.eps)  # (B, D): the class token
-    out = pooled @ params["head"]["w"]  # (B, K)
-    if "b" in params["head"]:
-        out = out + params["head"]["b"]
+    pooled = y[:, 1:].mean(axis=1) if arch.pool == "avg" else y[:, 0]  # (B, D)
+    out = _layer_norm(pooled, params["norm"], arch.eps)
+    if "head" in params:
+        out = out @ params["head"]["w"]  # (B, K)
+        if "b" in params["head"]:
+            out = out + params["head"]["b"]
     if arch.unit_output:
         out = out / jnp.linalg.norm(out.astype(jnp.float32), axis=-1, keepdims=True).astype(
             out.dtype)
     return out
+
+
+def _scaled(branch, scale: dict[str, Any] | None):
+    return branch if scale is None else branch * scale["gamma"]
 
 
 def _layer_norm(y, p: dict[str, Any], eps: float):

@@ -31,11 +31,11 @@ import json
 import tempfile
 from pathlib import Path
 
-import vit_weights  # beside this script, which Python puts first on sys.path
 import numpy as np
 import resnet_weights
 import torch
 import transformers
+import vit_weights  # beside this script, which Python puts first on sys.path
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 HERE = Path(__file__).resolve().parent

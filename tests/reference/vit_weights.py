@@ -1,6 +1,7 @@
-"""Deterministic ViT weights (CLIP's vision tower in transformers' names, torchvision's ViTs),
-numpy only: the same values reach transformers and torchvision (in ``make_clip_reference.py``,
-``make_vit_reference.py``) and our JAX ViT (in ``tests/test_clip.py``, ``tests/test_vit.py``).
+"""Deterministic ViT weights (CLIP's vision tower in transformers' names, torchvision's and
+timm's ViTs), numpy only: the same values reach transformers, torchvision and timm (in
+``make_clip_reference.py``, ``make_vit_reference.py``) and our JAX ViT (in
+``tests/test_clip.py``, ``tests/test_vit.py``).
 
 Each tensor is drawn from its own generator seeded by (seed, crc32 of its key), as in
 ``resnet_weights``. Linears are normal with variance 1/fan_in, so after a LayerNorm queries and
@@ -28,8 +29,10 @@ def seeded_tensor(key: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray
     elif leaf == "weight" and len(shape) == 4:  # the patch conv, (D, 3, p, p)
         values = rng.standard_normal(shape) * np.sqrt(1.0 / np.prod(shape[1:]))
     elif key.endswith(("class_embedding", "position_embedding.weight", "class_token",
-                       "pos_embedding")):
+                       "pos_embedding", "cls_token", "pos_embed")):
         values = 0.5 * rng.standard_normal(shape)
+    elif leaf == "gamma":  # timm's layer scale (DeiT III): small, as trained ones are
+        values = 0.1 * (1.0 + 0.2 * rng.uniform(-1.0, 1.0, shape))
     elif leaf.endswith("weight") and len(shape) == 2:  # torch Linear (out, in); in_proj_weight
         values = rng.standard_normal(shape) * np.sqrt(1.0 / shape[1])
     elif leaf.endswith("bias"):
