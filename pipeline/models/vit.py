@@ -9,7 +9,9 @@ The architecture is the original ViT's (Dosovitskiy et al. 2020) as torchvision,
 and Hugging Face implement it: a patch conv (stride = patch size), a class token, learned
 position embeddings, then pre-LayerNorm blocks (LN -> multi-head self-attention -> residual,
 LN -> MLP -> residual), a final LayerNorm on the class token and a linear head. CLIP adds a
-LayerNorm before the first block and a projection without bias as its head.
+LayerNorm before the first block and a projection without bias as its head; timm's variants
+may pool the patches' mean instead of the class token, scale each branch (layer scale), or
+have no head (the pooled features are the output).
 
 The blocks' weights are stacked along a leading layer axis and run with ``lax.scan``, so XLA
 compiles one block, not 12 or 24 copies: each actor compiles once at start, and a ViT-L's
