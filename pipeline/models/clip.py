@@ -106,11 +106,12 @@ def architecture(state: dict[str, np.ndarray], config: dict[str, Any], where) ->
     mlp = shape(f"{VISION}encoder.layers.0.mlp.fc1.weight")[0] if layers else 0
     found = {"hidden_size": dim, "patch_size": patch, "image_size": side * patch,
              "num_hidden_layers": layers, "intermediate_size": mlp}
+    if side * side + 1 != tokens:
+        raise ModelError(f"'{where}' is not a CLIP vision tower: {tokens} position embeddings "
+                         "are not a square grid of patches plus the class token.")
     disagree = [f"{k} {config[k]} (the weights: {v})" for k, v in found.items()
                 if k in config and config[k] != v]
-    if side * side + 1 != tokens:
-        disagree.append(f"{tokens} position embeddings, not a square grid plus the class token")
-    heads = config.get("num_attention_heads", dim // HEAD_WIDTH)
+    heads = config.get("num_attention_heads", max(1, dim // HEAD_WIDTH))
     if not heads or dim % heads:
         disagree.append(f"num_attention_heads {heads} does not divide hidden_size {dim}")
     act = config.get("hidden_act", CONFIG_DEFAULTS["hidden_act"])
