@@ -69,6 +69,9 @@ SKIPPED: dict[tuple[str, ...], str] = {
     ("batch-infer", "gpu-check"): "runs in tests/test_gpu_check.py, through "
                                   "tools/gpu_check_node.sh, which calls it (with --quick; "
                                   "its report checked there)",
+    ("batch-infer", "bench", "--workload", "photos"): (
+        "the bench above on the photos workload (~40 s more here): tests/test_bench.py runs "
+        "its contestants on photos with an RGB model, and its flags are parsed below"),
     ("docker",): "needs docker and a container registry",
     ("kubectl",): "needs a Kubernetes cluster with KubeRay (tests/test_cluster_config.py "
                   "checks k8s/rayjob.yaml's entrypoint)",
@@ -218,6 +221,21 @@ def test_every_readme_command_is_run_or_skipped_with_a_reason():
             f"no README command starting with {' '.join(needed)} is executed: is it still in "
             "README.md, and not excused by SKIPPED?")
     assert any("--model-fn" in c.argv for c in executed), "the example model is never run"
+
+
+def test_skipped_batch_infer_commands_still_parse():
+    """A skipped ``batch-infer`` command is not run, but a renamed or removed flag in it must
+    still fail here: each parses with the CLI's own parser."""
+    from pipeline.cli import build_parser
+
+    skipped = [c for block in BLOCKS for c in block
+               if c.argv[0] == "batch-infer" and skip_reason(c) is not None]
+    assert len(skipped) >= 3, "the skipped batch-infer commands (s3://, gpu-check, bench)"
+    for cmd in skipped:
+        try:
+            build_parser().parse_args(list(cmd.argv[1:]))
+        except SystemExit:
+            pytest.fail(f"README.md line {cmd.line}: {cmd} does not parse (see stderr)")
 
 
 def test_the_readme_commands_run_this_checkout(tmp_path):
