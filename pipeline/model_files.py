@@ -37,6 +37,7 @@ CACHE = Path.home() / ".cache" / "batch-infer" / "models"
 def local_path(model: str, cache: Path | None = None) -> str:
     """``model``'s local copy: the cached file or folder a URI names, fetched if needed."""
     fs, root = filesystem(model)
+    root = root.rstrip("/")  # "s3://bucket/models/clip/" names the same prefix
     try:
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.File:
@@ -51,8 +52,8 @@ def local_path(model: str, cache: Path | None = None) -> str:
     if not objects:
         raise ModelError(f"No model weights at '{model}' (no such object or prefix).")
     single = info.type == pafs.FileType.File
-    name = root.rstrip("/").rsplit("/", 1)[-1] or "model"
-    identity = [model] + sorted(f"{_relative(i.path, root, single)} {i.size} {i.mtime_ns}"
+    name = root.rsplit("/", 1)[-1] or "model"
+    identity = [model.rstrip("/")] + sorted(f"{_relative(i.path, root, single)} {i.size} {i.mtime_ns}"
                                 for i in objects)
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
     base = cache or CACHE
@@ -92,4 +93,4 @@ def _download(fs, root: str, objects, single: bool, base: Path, target: Path, na
 
 
 def _relative(path: str, root: str, single: bool) -> str:
-    return "" if single else path[len(root.rstrip("/")) + 1:]
+    return "" if single else path[len(root) + 1:]

@@ -201,6 +201,7 @@ def test_model_weights_at_a_uri_are_copied_once_per_machine(s3, sample_dir, tmp_
             tiny / "model.safetensors").read_bytes()
         fetched = os.stat(local / "model.safetensors").st_mtime_ns
         assert Path(model_files.local_path(uri)) == local  # the run's copy, not a new one
+        assert Path(model_files.local_path(f"{uri}/")) == local  # a trailing slash: the same
         assert os.stat(local / "model.safetensors").st_mtime_ns == fetched
 
         with s3.open_output_stream(f"{BUCKET}/models/clip_tiny/config.json") as out:
