@@ -175,8 +175,9 @@ def _spec(arch: vit.Arch, cfg: dict[str, Any], config: dict[str, Any],
                         f"{', '.join(sorted(_INTERPOLATION))})")
     if problems:
         raise ModelError(f"'{where}' and its config.json disagree: " + "; ".join(problems) + ".")
-    resize = {"resize": "squash"} if cfg["crop_mode"] == "squash" else {
-        "resize": "center_crop", "crop_fraction": float(cfg["crop_pct"] or DEFAULT_CFG["crop_pct"])}
+    crop = float(cfg["crop_pct"] or DEFAULT_CFG["crop_pct"])
+    resize = ({"resize": "squash"} if cfg["crop_mode"] == "squash"
+              else {"resize": "center_crop", "crop_fraction": crop})
     common = {"height": arch.image, "width": arch.image, "channels": 3,
               "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
               "interpolation": cfg["interpolation"], **resize}
