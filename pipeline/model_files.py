@@ -53,8 +53,8 @@ def local_path(model: str, cache: Path | None = None) -> str:
         raise ModelError(f"No model weights at '{model}' (no such object or prefix).")
     single = info.type == pafs.FileType.File
     name = root.rsplit("/", 1)[-1] or "model"
-    identity = [model.rstrip("/")] + sorted(f"{_relative(i.path, root, single)} {i.size} {i.mtime_ns}"
-                                for i in objects)
+    identity = [model.rstrip("/")] + sorted(
+        f"{_relative(i.path, root, single)} {i.size} {i.mtime_ns}" for i in objects)
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
     base = cache or CACHE
     target = base / key

@@ -143,7 +143,8 @@ def state_dict_shapes(arch: vit.Arch, projection: int) -> dict[str, tuple[int, .
             shapes[f"{layer}self_attn.{proj}.weight"] = (d, d)
             shapes[f"{layer}self_attn.{proj}.bias"] = (d,)
         shapes[f"{layer}layer_norm1.weight"] = shapes[f"{layer}layer_norm1.bias"] = (d,)
-        shapes[f"{layer}mlp.fc1.weight"], shapes[f"{layer}mlp.fc1.bias"] = (arch.mlp, d), (arch.mlp,)
+        shapes[f"{layer}mlp.fc1.weight"] = (arch.mlp, d)
+        shapes[f"{layer}mlp.fc1.bias"] = (arch.mlp,)
         shapes[f"{layer}mlp.fc2.weight"], shapes[f"{layer}mlp.fc2.bias"] = (d, arch.mlp), (d,)
         shapes[f"{layer}layer_norm2.weight"] = shapes[f"{layer}layer_norm2.bias"] = (d,)
     shapes[f"{VISION}post_layernorm.weight"] = shapes[f"{VISION}post_layernorm.bias"] = (d,)
@@ -179,7 +180,8 @@ def convert(state: dict[str, np.ndarray], arch: vit.Arch) -> dict[str, Any]:
             "norm1.scale": f32(f"{p}layer_norm1.weight"), "norm1.bias": f32(f"{p}layer_norm1.bias"),
             "qkv.w": np.concatenate([f32(f"{t}.weight").T for t in qkv], axis=1),  # (D, 3D)
             "qkv.b": np.concatenate([f32(f"{t}.bias") for t in qkv]),  # (3D,)
-            "out.w": f32(f"{p}self_attn.out_proj.weight").T, "out.b": f32(f"{p}self_attn.out_proj.bias"),
+            "out.w": f32(f"{p}self_attn.out_proj.weight").T,
+            "out.b": f32(f"{p}self_attn.out_proj.bias"),
             "norm2.scale": f32(f"{p}layer_norm2.weight"), "norm2.bias": f32(f"{p}layer_norm2.bias"),
             "fc1.w": f32(f"{p}mlp.fc1.weight").T, "fc1.b": f32(f"{p}mlp.fc1.bias"),  # (D, M)
             "fc2.w": f32(f"{p}mlp.fc2.weight").T, "fc2.b": f32(f"{p}mlp.fc2.bias"),  # (M, D)
