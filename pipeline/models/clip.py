@@ -26,7 +26,6 @@ image whose sides differ by an odd number may sit one pixel apart), CLIP's mean/
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.model import Model, ModelError, ModelSpec
-from pipeline.models import safetensors, vit
+from pipeline.models import hub, safetensors, vit
 
 # OpenAI's CLIP normalisation (clip/clip.py, _transform), which transformers' processor copies.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -200,55 +199,11 @@ def convert(state: dict[str, np.ndarray], arch: vit.Arch) -> dict[str, Any]:
 
 def _files(path: Path) -> tuple[Path, dict | None, dict | None]:
     """(weights file, vision config or None, preprocessor config or None) for ``--model``."""
-    if (path / "snapshots").is_dir():  # the hub cache's models--org--name/ folder
-        path = _cached_snapshot(path)
-    if path.is_dir():
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            found = sorted(p.name for p in path.glob("*.safetensors"))
-            if len(found) != 1:
-                why = ("holds no model.safetensors" if not found
-                       else f"holds several .safetensors files ({', '.join(found)}); name one")
-                pickle = " (pytorch_model.bin is a pickle, which is not read)" if (
-                    path / "pytorch_model.bin").exists() else ""
-                raise ModelError(f"'{path}' {why}{pickle}. {DOWNLOAD_HINT}")
-            weights = path / found[0]
-        folder = path
-    elif path.is_file():
-        weights, folder = path, path.parent
-    else:
-        raise ModelError(f"No CLIP weights at '{path}'. {DOWNLOAD_HINT}")
-    config = _json(folder / "config.json")
+    weights = hub.weights_file(path, "CLIP", DOWNLOAD_HINT)
+    config = hub.read_json(weights.parent / "config.json")
     if config is not None:
         config = config.get("vision_config", config)  # CLIPModel nests it; the vision model not
-    return weights, config, _json(folder / "preprocessor_config.json")
-
-
-def _cached_snapshot(repo: Path) -> Path:
-    """The snapshot of a Hugging Face cache folder (``huggingface-cli download`` without
-    ``--local-dir`` leaves ``~/.cache/huggingface/hub/models--openai--clip-vit-base-patch32/``
-    with ``refs/main`` naming the commit under ``snapshots/``)."""
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        return repo / "snapshots" / ref.read_text().strip()
-    found = sorted(p for p in (repo / "snapshots").iterdir() if p.is_dir())
-    if len(found) != 1:
-        raise ModelError(
-            f"'{repo}' is a Hugging Face cache folder with {len(found)} snapshots and no "
-            "refs/main; pass one of its snapshots/ folders as --model.")
-    return found[0]
-
-
-def _json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"Cannot read '{path}': {e}.") from e
-    if not isinstance(data, dict):
-        raise ModelError(f"'{path}' holds a JSON {type(data).__name__}, expected an object.")
-    return data
+    return weights, config, hub.read_json(weights.parent / "preprocessor_config.json")
 
 
 def _normalisation(processor: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -74,10 +74,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"No ResNet-50 weights at '{path}'. {EXPORT_HINT}")
-    state = safetensors.read(path)
-    # A checkpoint saved from a DistributedDataParallel wrapper prefixes every key.
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = safetensors.read_state_dict(path)  # a DDP wrapper's "module." prefix dropped
     problems = check_state_dict(state)
     if problems:
         raise ModelError(

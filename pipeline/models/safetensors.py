@@ -63,6 +63,15 @@ def read(path: str | os.PathLike, keep: Callable[[str], bool] | None = None
     return out
 
 
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A torch state dict saved with ``save_file``: :func:`read`, with the ``module.`` prefix
+    that a DistributedDataParallel wrapper puts on every key dropped."""
+    state = read(path)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
 def write(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata=None) -> Path:
     """Write ``tensors`` (dtypes in :data:`DTYPES`) as a safetensors file; returns its path."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}

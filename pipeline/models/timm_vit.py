@@ -5,8 +5,9 @@ on the Hugging Face hub ship, on the encoder of :mod:`pipeline.models.vit`.
 
 ``--model`` is the snapshot directory (``config.json`` and ``model.safetensors``, as
 ``huggingface-cli download timm/vit_base_patch16_224.augreg2_in21k_ft_in1k`` or timm's
-``save_for_hf`` leave them) or a ``.safetensors`` state dict (``save_file(model.state_dict(),
-...)``), with a ``config.json`` beside it or not.
+``save_for_hf`` leave them), the hub cache's folder for the model, or a ``.safetensors``
+state dict (``save_file(model.state_dict(), ...)``), with a ``config.json`` beside it or not
+(:mod:`pipeline.models.hub`).
 
 The architecture is read from the weights: class-token or average pooling (``fc_norm``), a
 LayerNorm before the blocks (``norm_pre``, timm's CLIP-style ViTs), layer scale (``ls1``,
@@ -27,14 +28,13 @@ default ``vit_*`` weights (augreg): bicubic, ``crop_pct`` 0.9, mean and std 0.5.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.model import Model, ModelError, ModelSpec
-from pipeline.models import safetensors, vit
+from pipeline.models import hub, safetensors, vit
 from pipeline.models.resnet import imagenet_classes
 
 # timm's default vit_* weights (augreg): what a state dict without config.json is taken for.
@@ -58,7 +58,7 @@ def build(path: str | None) -> Model:
     if path is None:
         raise ModelError(DOWNLOAD_HINT)
     weights, config = _files(Path(path))
-    state = safetensors.read(weights)
+    state = safetensors.read_state_dict(weights)  # a DDP wrapper's "module." prefix dropped
     arch = architecture(state, config, weights)
     problems = vit.check_tensors(state, state_dict_shapes(arch, state))
     if problems:
@@ -191,19 +191,6 @@ def _spec(arch: vit.Arch, cfg: dict[str, Any], config: dict[str, Any],
 
 
 def _files(path: Path) -> tuple[Path, dict[str, Any]]:
-    if path.is_dir():
-        weights, folder = path / "model.safetensors", path
-        if not weights.is_file():
-            raise ModelError(f"'{path}' holds no model.safetensors. {DOWNLOAD_HINT}")
-    elif path.is_file():
-        weights, folder = path, path.parent
-    else:
-        raise ModelError(f"No timm ViT weights at '{path}'. {DOWNLOAD_HINT}")
-    config = folder / "config.json"
-    if not config.is_file():
-        return weights, {}
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"Cannot read '{config}': {e}.") from e
-    return weights, data if isinstance(data, dict) else {}
+    """(weights file, config.json or {}) for ``--model``."""
+    weights = hub.weights_file(path, "timm ViT", DOWNLOAD_HINT)
+    return weights, hub.read_json(weights.parent / "config.json") or {}

@@ -216,9 +216,7 @@ def _load_torchvision(path: str | os.PathLike | None) -> tuple[Arch, dict[str, A
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"No ViT weights at '{path}'. {EXPORT_HINT}")
-    state = safetensors.read(path)
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = safetensors.read_state_dict(path)  # a DDP wrapper's "module." prefix dropped
     arch = torchvision_architecture(state, path)
     problems = check_tensors(state, torchvision_shapes(arch))
     if problems:
