@@ -33,6 +33,7 @@ from pipeline.write import (
     SUMMARY,
     OutputDir,
     OutputError,
+    OutputLock,
     PartWriter,
     Tally,
     WriteFailure,
@@ -100,12 +101,12 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
     out = OutputDir(cfg.output)
     existed = out.fs.get_file_info(out.root).type.name != "NotFound"
     _check_usable(out, cfg)
-    listing = source.list(cfg.input, cfg.output)
-    with _held(out, cfg, listing, existed):  # one run at a time writes an output
+    with _held(out, cfg, existed):  # one run at a time writes an output, from its listing on
+        listing = source.list(cfg.input, cfg.output)
         try:
             fingerprint = prepare(out, cfg, listing, model, source)
         except BaseException:
-            _abandon(out, listing, existed)
+            listing.discard()
             raise
         listing = listing.moved(cfg.output)
         committed = out.parts()
@@ -161,9 +162,7 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
                 forget_run(run_id)
         except Exception as e:
             if records is None and not committed:
-                out.clear()
-                if not existed:
-                    _remove_if_empty(out)
+                out.clear()  # and _held removes the directory if this run made it
             ours = our_error(e)
             if ours is not None:  # one line, not Ray's wrapping of a worker's traceback
                 raise ours from None
@@ -199,20 +198,20 @@ def _plan(cfg: RunConfig, model: Model, listing: ListingFile, source: Source, fl
 
 
 @contextlib.contextmanager
-def _held(out: OutputDir, cfg: RunConfig, listing: ListingFile, existed: bool):
-    """Hold the output against other runs on this machine for the rest of this one (see
+def _held(out: OutputDir, cfg: RunConfig, existed: bool):
+    """Hold the output against other runs for the rest of this one (see
     :meth:`OutputDir.lock`), then look again at what it holds: a run that ended meanwhile
-    may have committed parts."""
+    may have committed parts. A directory this run made is removed if it ends empty."""
+    lock = out.lock()
     try:
-        lock = out.lock()
         _check_usable(out, cfg)
-    except BaseException:
-        _abandon(out, listing, existed)
-        raise
-    try:
         yield
     finally:
-        lock.release()
+        try:
+            if not existed:  # before the release: no other run can have begun to use it
+                _remove_if_empty(out, lock)
+        finally:
+            lock.release()
 
 
 def _check_usable(out: OutputDir, cfg: RunConfig) -> None:
@@ -226,17 +225,10 @@ def _check_usable(out: OutputDir, cfg: RunConfig) -> None:
             )
 
 
-def _abandon(out: OutputDir, listing: ListingFile, existed: bool) -> None:
-    """Undo what a run refused at its start had written: its temporary listing, and the
-    output directory when the listing created it."""
-    listing.discard()
-    if not existed:
-        _remove_if_empty(out)
-
-
-def _remove_if_empty(out: OutputDir) -> None:
+def _remove_if_empty(out: OutputDir, lock: OutputLock) -> None:
+    """Delete the output directory if it holds nothing but this run's own claim."""
     try:
-        if not out.entries():
+        if all(e.base_name == lock.name for e in out.entries()):
             out.fs.delete_dir(out.root)
     except OSError:
         pass

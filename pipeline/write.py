@@ -30,11 +30,9 @@ the model, so resuming with other weights would silently mix their rows.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
 import uuid
 from collections import Counter
@@ -47,6 +45,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.output_lock import OutputBusy, OutputLock, claim, lock_directory
 from pipeline.read import filesystem, is_uri
 from pipeline.spec import ModelSpec
 
@@ -231,18 +230,6 @@ def unit_ranges(units: np.ndarray) -> list[list[int]]:
 
 
 @dataclass
-class OutputLock:
-    """What :meth:`OutputDir.lock` holds: an open directory descriptor, or None."""
-
-    fd: int | None
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-@dataclass
 class OutputDir:
     """The output directory: its files, its manifest, and what is already committed."""
 
@@ -273,27 +260,23 @@ class OutputDir:
         )
 
     def lock(self) -> OutputLock:
-        """Hold this output against other runs on this machine until ``release()`` (an
-        ``flock`` on the directory: the kernel drops it when the process dies, so a killed
-        run leaves no stale lock). OutputError when another run holds it. Object stores,
-        and filesystems without ``flock``, are not locked."""
-        if is_uri(self.uri):
-            return OutputLock(None)
+        """Hold this output against other runs until ``release()`` (see
+        :mod:`pipeline.output_lock`), creating the directory if need be. OutputError when
+        another run holds it or the directory cannot be made."""
         try:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:  # nothing was listed, so nothing created: nothing to hold
-            return OutputLock(None)
+            self.fs.create_dir(self.root, recursive=True)
+        except OSError as e:
+            why = " ".join(str(e).split())
+            raise OutputError(f"Cannot write to output '{self.uri}': {why}.") from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputError(
-                f"Output '{self.uri}' is being written by another run on this machine: wait "
-                "for it to end, or pick another --output.") from None
-        except OSError:
-            os.close(fd)
-            return OutputLock(None)
-        return OutputLock(fd)
+            if is_uri(self.uri):
+                return claim(self.fs, self.root, self.uri)
+            return lock_directory(self.root, self.uri)
+        except OutputBusy as e:
+            raise OutputError(str(e)) from None
+        except OSError as e:
+            why = " ".join(str(e).split())
+            raise OutputError(f"Cannot write to output '{self.uri}': {why}.") from e
 
     def has_results(self) -> bool:
         """Whether rows were committed here. A run that failed before its first part leaves

@@ -7,7 +7,10 @@ settings (runtime_env), as it must on a cluster whose nodes were started elsewhe
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import time
 
 import poison_model
 import pyarrow.fs as pafs
@@ -161,6 +164,99 @@ def test_an_s3_inventory_report_runs_each_objects_latest_version(s3, sample_dir,
                                "S3 Inventory: delete marker": 1}
     rows = pq.read_table(f"{BUCKET}/inventory-out", filesystem=s3).to_pylist()
     assert sorted(r["path"] for r in rows) == [f"s3://{BUCKET}/{k}" for k in keys]
+
+
+def claims(s3, prefix: str) -> list[str]:
+    return sorted(i.base_name for i in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}"))
+                  if i.base_name.startswith("_run-"))
+
+
+@pytest.fixture
+def quick_claims(monkeypatch):
+    """Claims renewed every second and lapsing after three, so the tests wait seconds."""
+    from pipeline import output_lock
+
+    monkeypatch.setattr(output_lock, "RENEW", 1.0)
+    monkeypatch.setattr(output_lock, "LAPSE", 3.0)
+    monkeypatch.setattr(output_lock, "POLL", 0.2)
+
+
+def test_a_second_run_into_an_s3_output_in_use_is_refused(s3, quick_claims):
+    """An object store has no flock: a live run's claim, renewed while the second run
+    watches, refuses the second run before it lists its inputs or writes anything."""
+    from pipeline.write import OutputDir, OutputError
+
+    out = f"s3://{BUCKET}/busy"
+    first = OutputDir(out).lock()  # what a run holds while it runs
+    try:
+        started = time.monotonic()
+        with pytest.raises(OutputError, match=rf"Output '{out}' is being written by another "
+                           rf"run \(host {socket.gethostname()}, pid {os.getpid()}, started "):
+            pipeline.run(f"s3://{BUCKET}/in", out)
+        assert time.monotonic() - started < 10
+        assert claims(s3, "busy") == [first.name]  # the refused run left nothing
+    finally:
+        first.release()
+    assert claims(s3, "busy") == []
+    summary = pipeline.run(f"s3://{BUCKET}/in", out)
+    assert summary.rows_ok + summary.rows_error == 41
+    assert claims(s3, "busy") == []  # released at the end
+
+
+def test_a_dead_runs_claim_lapses(s3, quick_claims, caplog):
+    """A driver killed on another machine leaves its claim: the next run waits for it to
+    lapse (not renewed for LAPSE seconds), removes it and runs."""
+    dead = f"{BUCKET}/lapsed/_run-0123.json"
+    with s3.open_output_stream(dead) as f:
+        f.write(b'{"host": "a-pod-that-is-gone", "pid": 7, "started": "2026-11-27T00:00:00"}')
+    started = time.monotonic()
+    summary = pipeline.run(f"s3://{BUCKET}/in/[0-4]/*", f"s3://{BUCKET}/lapsed")
+    assert summary.rows_ok > 0 and time.monotonic() - started >= 1.5
+    assert claims(s3, "lapsed") == []
+    assert "holds another run's claim (_run-0123.json, host a-pod-that-is-gone, pid 7" in (
+        caplog.text)
+
+
+def test_the_claim_of_a_dead_process_on_this_machine_is_removed_at_once(s3, quick_claims):
+    """A rerun after a driver was killed on this machine need not wait for the lapse."""
+    import subprocess
+
+    from pipeline.write import OutputDir
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process now
+    with s3.open_output_stream(f"{BUCKET}/rerun/_run-0456.json") as f:
+        f.write(json.dumps({"host": socket.gethostname(), "pid": gone.pid,
+                            "started": "2026-11-27T00:00:00"}).encode())
+    started = time.monotonic()
+    lock = OutputDir(f"s3://{BUCKET}/rerun").lock()
+    try:
+        assert time.monotonic() - started < 1.0  # well under LAPSE (3 s)
+        assert claims(s3, "rerun") == [lock.name]
+    finally:
+        lock.release()
+
+
+def test_two_runs_starting_together_never_both_hold_an_s3_output(s3, quick_claims):
+    """Each writes its claim, then watches the other's being renewed: one or both are
+    refused, never neither."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.write import OutputDir, OutputError
+
+    def take(_):
+        try:
+            return OutputDir(f"s3://{BUCKET}/race").lock()
+        except OutputError:
+            return None
+
+    for _ in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            held = [lock for lock in pool.map(take, range(2)) if lock is not None]
+        assert len(held) <= 1
+        for lock in held:
+            lock.release()
+        assert claims(s3, "race") == []
 
 
 def test_missing_bucket_prefix_is_one_clear_error(s3, tmp_path):
