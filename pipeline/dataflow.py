@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def execute(
     cfg: RunConfig, plan: Plan, listing: ListingFile, committed: list[str], spec,
-    source: Source, fingerprint: str, run_id: str,
+    source: Source, fingerprint: str, run_id: str, weights: str = "",
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield batches of part records (see :class:`pipeline.write.PartWriter`) as parts are
     committed, in whatever order they finish."""
@@ -63,7 +63,7 @@ def execute(
             "model_path": cfg.model, "model_fn": cfg.model_fn,
             "batch_size": cfg.batch_size, "top_k": cfg.top_k, "logits": cfg.logits,
             "compute_dtype": cfg.compute_dtype, "platform": plan.platform,
-            "run_id": run_id, "fingerprint": fingerprint,
+            "run_id": run_id, "fingerprint": fingerprint, "weights": weights,
             "device_batch_size": plan.device_batch_size,
             "output": cfg.output, "rows_per_file": cfg.rows_per_file,
         },

@@ -53,7 +53,7 @@ class Predictor:
         logits: bool = False, compute_dtype: str = "float32", run_id: str | None = None,
         platform: str = "cpu", fingerprint: str | None = None,
         device_batch_size: int | None = None, output: str | None = None,
-        rows_per_file: int = 10_000,
+        rows_per_file: int = 10_000, weights: str = "",
     ):
         start = time.perf_counter()
         platforms.configure(platform)
@@ -62,7 +62,7 @@ class Predictor:
         except platforms.DeviceError as e:
             fix = _FIX.get(platform, _FIX["cpu"])
             raise platforms.DeviceError(f"{_where()}: {e}; {fix}.") from e
-        self.model = load_model(model_path, model_fn)
+        self.model = load_model(model_path, model_fn, weights=weights)  # the driver's version
         self.spec: ModelSpec = self.model.spec
         self.fingerprint = fingerprint or self.model.fingerprint
         self.logits = logits and self.spec.output == "classification"

@@ -75,6 +75,9 @@ class Model:
     # path, e.g. "['bn1']['scale']"); None: normalisation scales and statistics (see
     # keeps_float32). A model that knows better says so here.
     float32_params: Callable[[str], bool] | None = None
+    # Set by load_model for weights at a URI: the KEY of the copy it loaded (see
+    # pipeline.model_files); the actors load only that same version, or stop the run.
+    weights: str = ""
 
     @functools.cached_property
     def identity(self) -> ModelIdentity:
@@ -283,20 +286,22 @@ def _trace(model: Model, batch_size: int) -> Any:
         ) from e
 
 
-def load_model(path: str | os.PathLike | None = None, model_fn: str | None = None) -> Model:
+def load_model(path: str | os.PathLike | None = None, model_fn: str | None = None, *,
+               weights: str | None = None) -> Model:
     """Load a model through its factory (default: the bundled digits CNN).
 
     ``model_fn`` is ``"package.module:function"``; the function is called as ``fn(path)``
     and must return a :class:`Model`. ``path`` is passed through (``None`` means the factory's
     own default weights), except a URI (``s3://...``), whose file or folder is copied once to
-    this machine's cache and passed as that copy (:mod:`pipeline.model_files`). Every failure
-    is a :class:`ModelError` naming the factory.
+    this machine's cache and passed as that copy (:mod:`pipeline.model_files`); ``weights``,
+    the driver's :attr:`Model.weights`, refuses a URI whose objects changed since. Every
+    failure is a :class:`ModelError` naming the factory.
     """
     from pipeline.model_files import resolve
 
     spec = model_fn or DEFAULT_MODEL_FN
     factory = import_factory(spec)
-    local = resolve(os.fspath(path) if path is not None else None)
+    local, key = resolve(os.fspath(path) if path is not None else None, weights or None)
     try:
         model = factory(local)
     except ModelError as e:
@@ -317,7 +322,7 @@ def load_model(path: str | os.PathLike | None = None, model_fn: str | None = Non
         )
     if not callable(model.apply):
         raise ModelError(f"Model factory '{spec}' returned a Model whose apply is not callable.")
-    model.factory = spec
+    model.factory, model.weights = spec, key
     return model
 
 

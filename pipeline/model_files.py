@@ -9,8 +9,12 @@ where KEY digests the URI and each object's size and modification time, so a cha
 is fetched again and an unchanged one never is. Processes on one machine (a node's actors)
 take a lock (one per cache), so one of them downloads while the others wait and reuse its
 copy; a download goes to a temporary folder renamed into place when complete, so a killed
-download leaves no half-copied weights. Nothing is ever evicted: delete the folder to reclaim
-the space.
+download leaves no half-copied weights (the next download removes its folder). Nothing else is
+ever evicted: delete the folder to reclaim the space.
+
+The driver loads the weights first and fingerprints them; an actor that starts later (a node
+added mid-run, a restart) must find the same KEY, or the run stops (:func:`fetch`'s
+``expect``): rows of weights uploaded mid-run would otherwise carry the first fingerprint.
 
 Credentials and endpoint come from the environment, as for inputs and outputs
 (:func:`pipeline.read.filesystem`); the pipeline hands its actors the driver's settings.
@@ -34,8 +38,15 @@ from pipeline.spec import ModelError
 CACHE = Path.home() / ".cache" / "batch-infer" / "models"
 
 
-def local_path(model: str, cache: Path | None = None) -> str:
+def local_path(model: str, cache: Path | None = None, expect: str | None = None) -> str:
     """``model``'s local copy: the cached file or folder a URI names, fetched if needed."""
+    return fetch(model, cache, expect)[0]
+
+
+def fetch(model: str, cache: Path | None = None, expect: str | None = None) -> tuple[str, str]:
+    """(local copy, KEY) of the URI ``model``, fetched if needed. ``expect``: the KEY the
+    run's driver loaded; another one (an object replaced or added since) is a ModelError,
+    raised before anything is downloaded."""
     fs, root = filesystem(model)
     root = root.rstrip("/")  # "s3://bucket/models/clip/" names the same prefix
     try:
@@ -56,6 +67,12 @@ def local_path(model: str, cache: Path | None = None) -> str:
     identity = [model.rstrip("/")] + sorted(
         f"{_relative(i.path, root, single)} {i.size} {i.mtime_ns}" for i in objects)
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+    if expect is not None and key != expect:
+        raise ModelError(
+            f"The model weights at '{model}' changed after this run started (an object "
+            "there was replaced, added or removed): its rows would mix two models under one "
+            "fingerprint. Rows written so far are the first weights'; to use the new ones, "
+            "run again with --overwrite.")
     base = cache or CACHE
     target = base / key
     if not (target / name).exists():
@@ -63,13 +80,18 @@ def local_path(model: str, cache: Path | None = None) -> str:
         with open(base / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one download at a time per machine
             if not (target / name).exists():
+                for left in base.glob("*.partial-*"):  # a killed download's (we hold the lock)
+                    shutil.rmtree(left, ignore_errors=True)
                 _download(fs, root, objects, single, base, target, name, model)
-    return str(target / name)
+    return str(target / name), key
 
 
-def resolve(model: str | None) -> str | None:
-    """``model`` as a factory receives it: a URI's local copy, anything else unchanged."""
-    return local_path(model) if model and is_uri(model) else model
+def resolve(model: str | None, expect: str | None = None) -> tuple[str | None, str]:
+    """(``model`` as a factory receives it, KEY): a URI's local copy and its KEY (see
+    :func:`fetch`), anything else unchanged with no KEY."""
+    if model and is_uri(model):
+        return fetch(model, expect=expect)
+    return model, ""
 
 
 def _download(fs, root: str, objects, single: bool, base: Path, target: Path, name: str,

@@ -146,7 +146,7 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
             try:
                 if expected != 0:
                     records = dataflow.execute(cfg, plan, listing, committed, model.spec, source,
-                                               fingerprint, run_id)
+                                               fingerprint, run_id, model.weights)
                     for batch in records:
                         stats.add(batch, tally)
                         watch.records(batch)
@@ -260,13 +260,10 @@ def _write_missing(out: OutputDir, cfg: RunConfig, model: Model, fingerprint: st
 
 
 # Errors an actor raises that say what is wrong in one line; Ray hands them to the driver as
-# the text of a worker's traceback (an actor's failed __init__ keeps no exception object).
-_OURS = {
-    "pipeline.platforms.DeviceError": DeviceError,
-    "pipeline.device.DeviceFailure": DeviceFailure,
-    "pipeline.model.ModelError": ModelError,
-    "pipeline.write.WriteFailure": WriteFailure,
-}
+# the text of a worker's traceback (an actor's failed __init__ keeps no exception object),
+# which names each by the module that defines it.
+_OURS = {f"{c.__module__}.{c.__qualname__}": c
+         for c in (DeviceError, DeviceFailure, ModelError, WriteFailure)}
 
 
 def our_error(e: BaseException) -> Exception | None:

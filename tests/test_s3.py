@@ -314,3 +314,61 @@ def test_model_weights_at_a_uri_are_copied_once_per_machine(s3, sample_dir, tmp_
     finally:
         for copy in copies:
             shutil.rmtree(copy, ignore_errors=True)
+
+
+def test_model_weights_replaced_during_a_run_stop_it(s3, sample_dir, tmp_path, monkeypatch):
+    """The driver fingerprints the weights it loaded from a URI; an actor that starts later (a
+    new node, a restart) must load that same version. Here an object is replaced just after
+    the driver loaded the model: the actor refuses the new version before downloading it, and
+    the run stops with one line instead of writing rows of other weights under the first
+    fingerprint."""
+    import shutil
+    from pathlib import Path
+
+    from pipeline import model_files, runner
+    from pipeline.model import ModelError
+
+    tiny = Path(__file__).parent / "reference" / "clip_tiny"
+    for f in sorted(tiny.iterdir()):
+        with s3.open_output_stream(f"{BUCKET}/models/replaced/{f.name}") as out:
+            out.write(f.read_bytes())
+    uri, loaded = f"s3://{BUCKET}/models/replaced", []
+
+    def load_then_replace(*args, **kwargs):
+        loaded.append(model := load_model(*args, **kwargs))
+        with s3.open_output_stream(f"{BUCKET}/models/replaced/config.json") as out:
+            out.write((tiny / "config.json").read_bytes() + b"\n")  # a new upload
+        return model
+
+    load_model = runner.load_model
+    monkeypatch.setattr(runner, "load_model", load_then_replace)
+    try:
+        with pytest.raises(ModelError, match=f"The model weights at '{uri}' changed after this "
+                                             "run started"):
+            pipeline.run(str(sample_dir), str(tmp_path / "out"),
+                         model_fn="pipeline.models.clip:build", model=uri)
+        assert not list((tmp_path / "out").glob("part-*"))
+        # The actor refused before fetching: the cache holds the driver's copy only.
+        assert [p.name for p in model_files.CACHE.glob(f"{loaded[0].weights}*")] == [
+            loaded[0].weights]
+    finally:
+        for model in loaded:
+            shutil.rmtree(model_files.CACHE / model.weights, ignore_errors=True)
+
+
+def test_a_killed_downloads_folder_is_removed_by_the_next_download(s3, tmp_path):
+    """A SIGKILLed download leaves its temporary folder (no finally runs); downloads happen
+    one at a time under the cache's lock, so the next one removes it."""
+    from pathlib import Path
+
+    from pipeline import model_files
+
+    with s3.open_output_stream(f"{BUCKET}/models/one.bin") as out:
+        out.write(b"weights")
+    cache = tmp_path / "cache"
+    left = cache / "0123abcd.partial-x1y2"
+    left.mkdir(parents=True)
+    (left / "one.bin").write_bytes(b"half")
+    copy = model_files.local_path(f"s3://{BUCKET}/models/one.bin", cache=cache)
+    assert Path(copy).read_bytes() == b"weights"
+    assert not list(cache.glob("*.partial-*"))
