@@ -183,7 +183,10 @@ def timeline_points(timeline: Any) -> list[tuple[float, float]]:
 def throughput(timeline: Any, bins: int) -> list[tuple[float, float, float]]:
     """(start s, end s, images/s) from ``timeline`` (pairs of seconds, cumulative rows): one
     interval per pair of points, or ``bins`` equal ones when there are more points than that
-    (cumulative rows interpolated linearly, so each bin's rate is the mean over it)."""
+    (cumulative rows interpolated linearly, so each bin's rate is the mean over it). Points
+    closer than a quarter of a bin to the one before are merged into the next interval: parts
+    that land within milliseconds of each other are one step, not an interval "23.2-23.2 s"
+    at a rate no device reached."""
     points = timeline_points(timeline)
     if len(points) < 2 or points[-1][0] <= points[0][0]:
         return []
@@ -191,6 +194,16 @@ def throughput(timeline: Any, bins: int) -> list[tuple[float, float, float]]:
         ts, rows = np.array(points).T
         edges = np.linspace(ts[0], ts[-1], bins + 1)
         points = list(zip(edges.tolist(), np.interp(edges, ts, rows).tolist()))
+    gap = (points[-1][0] - points[0][0]) / bins / 4
+    kept = [points[0]]
+    for point in points[1:-1]:
+        if point[0] - kept[-1][0] >= gap:
+            kept.append(point)
+    if len(kept) > 1 and points[-1][0] - kept[-1][0] < gap:
+        kept[-1] = points[-1]  # the end replaces a point too close to it
+    else:
+        kept.append(points[-1])
+    points = kept
     return [(t0, t1, (n1 - n0) / (t1 - t0))
             for (t0, n0), (t1, n1) in zip(points, points[1:]) if t1 > t0]
 

@@ -218,6 +218,9 @@ def test_throughput_bins_keep_the_rows():
     rows = sum(rate * (t1 - t0) for t0, t1, rate in rates)
     assert rows == pytest.approx(timeline[-1][1])
     assert throughput([[0, 0]], bins=60) == [] and throughput(None, bins=60) == []
+    # Parts landing milliseconds apart are one step, not a 1 ms interval at 1,000,000/s.
+    burst = [[0, 0], [10, 1000], [20, 2000], [20.001, 3000], [30, 3000]]
+    assert throughput(burst, bins=12) == [(0, 10, 100), (10, 20, 100), (20, 30, 100)]
 
 
 def test_write_report_and_cli(tmp_path, capsys):
