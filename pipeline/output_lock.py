@@ -170,8 +170,8 @@ def claim(fs: pafs.FileSystem, root: str, uri: str) -> OutputLock:
                                 "releasing it (%s)", e.path, _who(body))
                     try:
                         fs.delete_file(e.path)
-                    except FileNotFoundError:
-                        pass
+                    except OSError as why:  # gone meanwhile, or no right to delete: it is dead
+                        log.info("Could not remove %s: %s", e.path, why)
             if not waiting:
                 return mine
             time.sleep(POLL)

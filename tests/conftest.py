@@ -48,14 +48,45 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+# The address of the Ray that ray_local started and that is still up, if any.
+_SHARED: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def ray_local():
-    """A 2-CPU Ray on 127.0.0.1 for one test module; yields its GCS address. Its workers can
-    import tests/ modules (``model_fn="poison_model:build"``)."""
-    import poison_model
+    """A 2-CPU Ray on 127.0.0.1; yields its GCS address. Its workers can import tests/
+    modules (``model_fn="poison_model:build"``).
+
+    Consecutive modules share it (a start costs ~5 s on 2 cores): a module that starts a Ray
+    of its own shuts this one down, and the next module that asks for it starts it again. It is
+    shut down at a module's end unless every CPU is free again, so a module that leaves an
+    actor or a task behind cannot slow or hang the next one."""
     import ray
 
-    ray.shutdown()
+    if not (ray.is_initialized() and _SHARED.get("gcs") == _gcs_address(ray)):
+        _SHARED.clear()
+        ray.shutdown()
+        _SHARED["gcs"] = _start_ray(ray)
+    yield _SHARED["gcs"]
+    if ray.is_initialized() and _SHARED.get("gcs") == _gcs_address(ray) and _idle(ray):
+        return
+    if _SHARED.get("gcs") == _gcs_address(ray):  # ours, and busy: stop it
+        ray.shutdown()
+    _SHARED.clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_ray():
+    yield
+    if _SHARED:
+        import ray
+
+        ray.shutdown()
+
+
+def _start_ray(ray) -> str:
+    import poison_model
+
     pythonpath = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = poison_model.worker_env()["PYTHONPATH"]  # Ray's daemons copy it
     try:
@@ -72,8 +103,28 @@ def ray_local():
             os.environ.pop("PYTHONPATH")
         else:
             os.environ["PYTHONPATH"] = pythonpath
-    yield ctx.address_info["gcs_address"]
-    ray.shutdown()
+    return ctx.address_info["gcs_address"]
+
+
+def _gcs_address(ray) -> str | None:
+    if not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().gcs_address
+
+
+def _idle(ray, wait: float = 10.0) -> bool:
+    """Whether every CPU of this Ray is free (within ``wait`` seconds: Ray reports a
+    finished actor's release a moment later)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        total = ray.cluster_resources().get("CPU", 0)
+        if ray.available_resources().get("CPU", 0) >= total > 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
