@@ -75,8 +75,8 @@ class Model:
     # path, e.g. "['bn1']['scale']"); None: normalisation scales and statistics (see
     # keeps_float32). A model that knows better says so here.
     float32_params: Callable[[str], bool] | None = None
-    # Set by load_model for weights at a URI: the KEY of the copy it loaded (see
-    # pipeline.model_files); the actors load only that same version, or stop the run.
+    # Set by load_model: the version of the weights it loaded (pipeline.model_files.resolve);
+    # the actors load only that same version, or stop the run.
     weights: str = ""
 
     @functools.cached_property
@@ -294,8 +294,8 @@ def load_model(path: str | os.PathLike | None = None, model_fn: str | None = Non
     and must return a :class:`Model`. ``path`` is passed through (``None`` means the factory's
     own default weights), except a URI (``s3://...``), whose file or folder is copied once to
     this machine's cache and passed as that copy (:mod:`pipeline.model_files`); ``weights``,
-    the driver's :attr:`Model.weights`, refuses a URI whose objects changed since. Every
-    failure is a :class:`ModelError` naming the factory.
+    the driver's :attr:`Model.weights`, refuses weights that changed since. Every failure is a
+    :class:`ModelError` naming the factory.
     """
     from pipeline.model_files import resolve
 

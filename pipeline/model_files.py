@@ -1,5 +1,6 @@
 """Model weights at a URI (``--model s3://bucket/models/clip-vit-base-patch32/``): copied once
-per machine into a local cache, whose path the factory then receives.
+per machine into a local cache, whose path the factory then receives. And the version of the
+weights a run loaded, which its actors must load too.
 
 On a cluster the factory runs in the driver and in every inference actor, on nodes that
 share no disk; an object store is what they share. A URI naming one object is copied as that
@@ -13,8 +14,10 @@ download leaves no half-copied weights (the next download removes its folder). N
 ever evicted: delete the folder to reclaim the space.
 
 The driver loads the weights first and fingerprints them; an actor that starts later (a node
-added mid-run, a restart) must find the same KEY, or the run stops (:func:`fetch`'s
-``expect``): rows of weights uploaded mid-run would otherwise carry the first fingerprint.
+added mid-run, a restart) must find the same version, or the run stops (:func:`resolve`'s
+``expect``): rows of weights replaced mid-run would otherwise carry the first fingerprint. A
+URI's version is its KEY; a local path's is its files' names, sizes and modification times,
+compared only on the driver's machine, since another machine may hold a copy of its own.
 
 Credentials and endpoint come from the environment, as for inputs and outputs
 (:func:`pipeline.read.filesystem`); the pipeline hands its actors the driver's settings.
@@ -27,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -68,11 +72,7 @@ def fetch(model: str, cache: Path | None = None, expect: str | None = None) -> t
         f"{_relative(i.path, root, single)} {i.size} {i.mtime_ns}" for i in objects)
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
     if expect is not None and key != expect:
-        raise ModelError(
-            f"The model weights at '{model}' changed after this run started (an object "
-            "there was replaced, added or removed): its rows would mix two models under one "
-            "fingerprint. Rows written so far are the first weights'; to use the new ones, "
-            "run again with --overwrite.")
+        raise _changed(model)
     base = cache or CACHE
     target = base / key
     if not (target / name).exists():
@@ -87,11 +87,66 @@ def fetch(model: str, cache: Path | None = None, expect: str | None = None) -> t
 
 
 def resolve(model: str | None, expect: str | None = None) -> tuple[str | None, str]:
-    """(``model`` as a factory receives it, KEY): a URI's local copy and its KEY (see
-    :func:`fetch`), anything else unchanged with no KEY."""
-    if model and is_uri(model):
+    """(``model`` as a factory receives it, its version): a URI's local copy and KEY (see
+    :func:`fetch`); a local path unchanged, with its :func:`local_version`. ``expect``: the
+    version the run's driver loaded; another one is a ModelError (for a local path, only on
+    the driver's machine: another machine may hold a copy of its own, with other times)."""
+    if not model:
+        return model, ""
+    if is_uri(model):
         return fetch(model, expect=expect)
-    return model, ""
+    version = local_version(model)
+    if expect and version and expect != version and (
+            expect.split(" ", 1)[0] == version.split(" ", 1)[0]):
+        raise _changed(model)
+    return model, version
+
+
+def local_version(path: str) -> str:
+    """'MACHINE DIGEST': this machine, and a digest of the names, sizes and modification times
+    of the files at ``path``; '' for nothing there, or for more than :data:`MAX_FILES` files
+    (not a checkpoint: not worth the walk)."""
+    found = []
+    if os.path.isfile(path):
+        st = os.stat(path)
+        found.append(("", st.st_size, st.st_mtime_ns))
+    else:
+        for folder, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(folder, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue
+                found.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+                if len(found) > MAX_FILES:
+                    return ""
+    if not found:
+        return ""
+    return f"{_machine()} {hashlib.sha256(json.dumps(found).encode()).hexdigest()[:24]}"
+
+
+MAX_FILES = 10_000
+
+
+def _machine() -> str:
+    """This machine: its name and boot (containers of one host share the boot id, not the
+    name)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _changed(model: str) -> ModelError:
+    return ModelError(
+        f"The model weights at '{model}' changed after this run started (a file there was "
+        "replaced, added or removed): its rows would mix two models under one fingerprint. "
+        "Rows written so far are the first weights'; to use the new ones, run again with "
+        "--overwrite.")
 
 
 def _download(fs, root: str, objects, single: bool, base: Path, target: Path, name: str,

@@ -137,3 +137,25 @@ def test_bfloat16_compute_keeps_float32_io_and_agrees(model):
     assert all(np.asarray(v).dtype == np.float32 for v in model.params.values())
     assert (bf16.argmax(1) == f32.argmax(1)).mean() >= 0.9
     np.testing.assert_allclose(bf16, f32, atol=0.1)
+
+
+def test_a_local_models_version_is_compared_on_its_own_machine_only(tmp_path):
+    """An actor on the driver's machine refuses weights rewritten since the driver loaded
+    them; one on another machine does not compare (its copy has times of its own)."""
+    import os
+
+    from pipeline import model_files
+
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"weights")
+    path, version = model_files.resolve(str(weights))
+    assert path == str(weights) and version
+    assert model_files.resolve(str(weights), expect=version) == (path, version)
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ModelError, match="changed after this run started"):
+        model_files.resolve(str(weights), expect=version)
+    elsewhere = f"another-host/boot {version.split(' ', 1)[1]}"
+    assert model_files.resolve(str(weights), expect=elsewhere)[0] == path
+    assert model_files.resolve(None) == (None, "")
+    assert model_files.resolve(str(tmp_path / "nothing")) == (str(tmp_path / "nothing"), "")

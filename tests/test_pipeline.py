@@ -97,3 +97,36 @@ def test_existing_output_needs_overwrite_or_resume(ray_local, sample_dir, tmp_pa
     assert {len(v) for v in table.column("topk_labels").to_pylist()} == {2}
     with pytest.raises(OutputError, match="compute_dtype=float32, this run asks for compute_dtype=bfloat16"):
         pipeline.run(str(sample_dir), str(out), resume=True, top_k=2, compute_dtype="bfloat16")
+
+
+def test_a_model_file_rewritten_during_a_run_stops_it(ray_local, sample_dir, tmp_path,
+                                                      monkeypatch):
+    """The driver fingerprints the weights it loaded; an actor on its machine that loads them
+    after they were rewritten (a training job saving to the same path) stops the run with one
+    line instead of writing rows of other weights under the first fingerprint."""
+    import os
+
+    from pipeline import runner
+    from pipeline.model import ModelError
+    from pipeline.models import digits_cnn
+
+    checkpoint = tmp_path / "model"  # a folder: model.json and weights.npz
+    checkpoint.mkdir()
+    for name in (digits_cnn.META_FILE, digits_cnn.WEIGHTS_FILE):
+        shutil.copy(digits_cnn.BUNDLED_DIR / name, checkpoint / name)
+    weights, load_model = checkpoint / digits_cnn.WEIGHTS_FILE, runner.load_model
+
+    def load_then_rewrite(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        st = os.stat(weights)
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # saved again
+        return model
+
+    monkeypatch.setattr(runner, "load_model", load_then_rewrite)
+    with pytest.raises(ModelError, match=f"The model weights at '{checkpoint}' changed after "
+                                         "this run started"):
+        pipeline.run(str(sample_dir), str(tmp_path / "out"), model=str(checkpoint))
+    assert not list((tmp_path / "out").glob("part-*"))
+    monkeypatch.undo()  # unchanged weights: the same run goes through
+    summary = pipeline.run(str(sample_dir), str(tmp_path / "out"), model=str(checkpoint))
+    assert summary.rows_ok == 40
