@@ -100,7 +100,6 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
     source = Source.of(cfg)
     out = OutputDir(cfg.output)
     existed = out.fs.get_file_info(out.root).type.name != "NotFound"
-    _check_usable(out, cfg)
     with _held(out, cfg, existed):  # one run at a time writes an output, from its listing on
         listing = source.list(cfg.input, cfg.output)
         try:
@@ -200,8 +199,9 @@ def _plan(cfg: RunConfig, model: Model, listing: ListingFile, source: Source, fl
 @contextlib.contextmanager
 def _held(out: OutputDir, cfg: RunConfig, existed: bool):
     """Hold the output against other runs for the rest of this one (see
-    :meth:`OutputDir.lock`), then look again at what it holds: a run that ended meanwhile
-    may have committed parts. A directory this run made is removed if it ends empty."""
+    :meth:`OutputDir.lock`), and only then look at what it holds: ``--overwrite`` must not
+    delete the parts of a run still writing them. A directory this run made is removed if it
+    ends empty."""
     lock = out.lock()
     try:
         _check_usable(out, cfg)

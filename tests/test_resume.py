@@ -301,6 +301,11 @@ def test_a_second_run_into_an_output_in_use_is_refused(ray_local, tmp_path):
     with pytest.raises(OutputError, match=f"Output '{out}' is being written by another run"):
         pipeline.run(str(src), str(out))
     assert list(out.iterdir()) == []  # the refused run left nothing, not even its listing
+    (out / "part-00000-00006-ab.parquet").write_bytes(b"the first run's")
+    with pytest.raises(OutputError, match="being written by another run"):
+        pipeline.run(str(src), str(out), overwrite=True)  # must not clear the first run's parts
+    assert [p.name for p in out.iterdir()] == ["part-00000-00006-ab.parquet"]
+    (out / "part-00000-00006-ab.parquet").unlink()
     first.release()
     assert pipeline.run(str(src), str(out)).rows_ok == 6
     assert pipeline.run(str(src), str(out), overwrite=True).rows_ok == 6  # released at the end
