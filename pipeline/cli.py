@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import logging
 import platform
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -372,6 +373,34 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = argv is None  # the batch-infer command, not a call from Python
+    if command and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
+    try:
+        return _dispatch(args)
+    finally:
+        if command:
+            _stop_ray()
+
+
+def _interrupted(signum, frame) -> None:
+    """The first Ctrl-C stops the command; later ones are ignored: stopping Ray Data and Ray
+    takes a few seconds, and a second Ctrl-C (people press it twice) would only cut that short
+    and print the traceback of whatever it landed in."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _stop_ray() -> None:
+    """Stop the Ray this command started (or leave the cluster it joined) now, with Ctrl-C
+    ignored, rather than in Ray's exit handler, where a Ctrl-C prints Ray's traceback."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ray.shutdown()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as e:

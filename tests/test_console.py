@@ -19,7 +19,7 @@ from driver import private_ray_env, stop_private_ray
 
 from pipeline.console import Console, _RayMessagesToLog, status_text
 from pipeline.digits import write_samples
-from pipeline.report import render_html, render_text
+from pipeline.report import fmt_rate, render_html, render_text
 
 # Every line `batch-infer demo` may print, and nothing else (stdout and stderr together).
 TOOL_LINES = [r"wrote \d+ sample digit images to \S+", r"input:  .*", r"model:  .*",
@@ -131,4 +131,5 @@ def test_the_report_of_a_run_holds_the_run_s_numbers(ray_local, tmp_path):
     text = render_text(saved)
     assert re.search(r"rows ok 30\b", text) and re.search(r"error rows 2\b", text)
     assert str(src / "broken.png") in text and "not_an_image" in text
-    assert f"{summary.images_per_second:,.0f}" in text
+    assert re.search(rf"images/s {re.escape(fmt_rate(summary.images_per_second))}( |$)", text,
+                     re.MULTILINE)  # as the report writes it: "12.9", "1,234"

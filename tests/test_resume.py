@@ -10,12 +10,14 @@ call, so the test can count the images the model saw.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import duckdb
@@ -250,8 +252,9 @@ def test_a_plan_the_cluster_cannot_run_leaves_no_trace(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_and_resume_finishes(tmp_path):
-    """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) mid-run: exit
-    130 with one line instead of every cut thread's traceback; --resume does the rest."""
+    """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) mid-run, and again
+    while it stops (people press it twice): exit 130 with one line instead of every cut
+    thread's traceback; --resume does the rest."""
     src, out = tmp_path / "images", tmp_path / "out"
     write_samples(src, IMAGES, seed=6)
     options = poison_model.write_options(tmp_path / "model.json", delay=0.3)
@@ -261,6 +264,9 @@ def test_ctrl_c_stops_with_one_line_and_resume_finishes(tmp_path):
     driver = Driver(run)
     driver.wait_until(lambda: list(out.glob("part-*.parquet")), "a part file")
     os.killpg(driver.proc.pid, signal.SIGINT)
+    time.sleep(0.5)  # stopping Ray Data's execution, or Ray itself
+    with contextlib.suppress(ProcessLookupError):  # unless it is already done
+        os.killpg(driver.proc.pid, signal.SIGINT)
     result = driver.wait(120)
     assert result.returncode == 130, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     line = ("batch-infer: interrupted: rows already written are kept; run again with "
