@@ -297,11 +297,13 @@ def load_model(path: str | os.PathLike | None = None, model_fn: str | None = Non
     the driver's :attr:`Model.weights`, refuses weights that changed since. Every failure is a
     :class:`ModelError` naming the factory.
     """
-    from pipeline.model_files import resolve
+    from pipeline.model_files import local_version, resolve
+    from pipeline.read import is_uri
 
     spec = model_fn or DEFAULT_MODEL_FN
     factory = import_factory(spec)
-    local, key = resolve(os.fspath(path) if path is not None else None, weights or None)
+    given = os.fspath(path) if path is not None else None
+    local, key = resolve(given, weights or None)
     try:
         model = factory(local)
     except ModelError as e:
@@ -322,6 +324,8 @@ def load_model(path: str | os.PathLike | None = None, model_fn: str | None = Non
         )
     if not callable(model.apply):
         raise ModelError(f"Model factory '{spec}' returned a Model whose apply is not callable.")
+    if key and weights is None and not is_uri(given):  # the driver: what its factory left
+        key = local_version(given)
     model.factory, model.weights = spec, key
     return model
 

@@ -17,7 +17,9 @@ The driver loads the weights first and fingerprints them; an actor that starts l
 added mid-run, a restart) must find the same version, or the run stops (:func:`resolve`'s
 ``expect``): rows of weights replaced mid-run would otherwise carry the first fingerprint. A
 URI's version is its KEY; a local path's is its files' names, sizes and modification times,
-compared only on the driver's machine, since another machine may hold a copy of its own.
+compared only on the driver's machine, since another machine may hold a copy of its own. The
+driver takes a local version after its factory ran, so a factory that writes a converted copy
+beside its weights the first time does not count as a change.
 
 Credentials and endpoint come from the environment, as for inputs and outputs
 (:func:`pipeline.read.filesystem`); the pipeline hands its actors the driver's settings.
@@ -131,14 +133,18 @@ MAX_FILES = 10_000
 
 
 def _machine() -> str:
-    """This machine: its name and boot (containers of one host share the boot id, not the
-    name)."""
+    """Where a local path names the same file: host name, boot and mount namespace (two
+    containers may share a name and a boot, not a mount namespace)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
     except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
+        boot = "?"
+    try:
+        mounts = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        mounts = "?"
+    return f"{socket.gethostname()}/{boot}/{mounts}"
 
 
 def _changed(model: str) -> ModelError:

@@ -130,3 +130,21 @@ def test_a_model_file_rewritten_during_a_run_stops_it(ray_local, sample_dir, tmp
     monkeypatch.undo()  # unchanged weights: the same run goes through
     summary = pipeline.run(str(sample_dir), str(tmp_path / "out"), model=str(checkpoint))
     assert summary.rows_ok == 40
+    # A factory that writes a converted copy beside its weights on first load (in the
+    # driver) has not changed them for the actors.
+    summary = pipeline.run(str(sample_dir), str(tmp_path / "out"), overwrite=True,
+                           model_fn="test_pipeline:converting_digits", model=str(checkpoint))
+    assert summary.rows_ok == 40 and (checkpoint / "converted.cache").exists()
+
+
+def converting_digits(path: str):
+    """Model factory: the digits CNN at ``path``, which it first "converts" once into a file
+    beside the weights, as factories that cache a conversion do."""
+    from pathlib import Path
+
+    from pipeline.models import digits_cnn
+
+    converted = Path(path) / "converted.cache"
+    if not converted.exists():
+        converted.write_bytes(b"converted")
+    return digits_cnn.build(path)
