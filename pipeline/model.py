@@ -324,7 +324,7 @@ def load_model(path: str | os.PathLike | None = None, model_fn: str | None = Non
         )
     if not callable(model.apply):
         raise ModelError(f"Model factory '{spec}' returned a Model whose apply is not callable.")
-    if key and weights is None and not is_uri(given):  # the driver: what its factory left
+    if weights is None and given and not is_uri(given):  # the driver: what its factory left
         key = local_version(given)
     model.factory, model.weights = spec, key
     return model

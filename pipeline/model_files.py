@@ -32,12 +32,12 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from pipeline import machine
 from pipeline.read import filesystem, is_uri
 from pipeline.spec import ModelError
 
@@ -90,15 +90,19 @@ def fetch(model: str, cache: Path | None = None, expect: str | None = None) -> t
 
 def resolve(model: str | None, expect: str | None = None) -> tuple[str | None, str]:
     """(``model`` as a factory receives it, its version): a URI's local copy and KEY (see
-    :func:`fetch`); a local path unchanged, with its :func:`local_version`. ``expect``: the
-    version the run's driver loaded; another one is a ModelError (for a local path, only on
-    the driver's machine: another machine may hold a copy of its own, with other times)."""
+    :func:`fetch`); a local path unchanged, with its :func:`local_version` when there is one
+    to compare with. ``expect``: the version the run's driver loaded; another one is a
+    ModelError (for a local path, only on the driver's machine: another machine may hold a
+    copy of its own, with other times). The driver takes a local path's version itself, after
+    its factory ran (see the module's docstring)."""
     if not model:
         return model, ""
     if is_uri(model):
         return fetch(model, expect=expect)
+    if not expect:
+        return model, ""
     version = local_version(model)
-    if expect and version and expect != version and (
+    if version and expect != version and (
             expect.split(" ", 1)[0] == version.split(" ", 1)[0]):
         raise _changed(model)
     return model, version
@@ -126,25 +130,10 @@ def local_version(path: str) -> str:
                     return ""
     if not found:
         return ""
-    return f"{_machine()} {hashlib.sha256(json.dumps(found).encode()).hexdigest()[:24]}"
+    return f"{machine.identity('mnt')} {hashlib.sha256(json.dumps(found).encode()).hexdigest()[:24]}"
 
 
 MAX_FILES = 10_000
-
-
-def _machine() -> str:
-    """Where a local path names the same file: host name, boot and mount namespace (two
-    containers may share a name and a boot, not a mount namespace)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "?"
-    try:
-        mounts = os.readlink("/proc/self/ns/mnt")
-    except OSError:
-        mounts = "?"
-    return f"{socket.gethostname()}/{boot}/{mounts}"
 
 
 def _changed(model: str) -> ModelError:

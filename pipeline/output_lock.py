@@ -36,6 +36,8 @@ from datetime import UTC, datetime
 
 import pyarrow.fs as pafs
 
+from pipeline import machine
+
 log = logging.getLogger(__name__)
 
 CLAIM_PREFIX = "_run-"
@@ -95,7 +97,7 @@ class Claim(OutputLock):
         self.name = f"{CLAIM_PREFIX}{uuid.uuid4().hex}.json"
         self.path = f"{self.root}/{self.name}"
         self.body = json.dumps({
-            "host": socket.gethostname(), "pid": os.getpid(), "pids": _pid_space(),
+            "host": socket.gethostname(), "pid": os.getpid(), "pids": machine.identity("pid"),
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "renewed_every_seconds": renew,
         }).encode()
@@ -201,7 +203,7 @@ def _gone(body: dict) -> bool:
     """Whether the claim is a process of this machine (and pid namespace) that no longer
     exists: a rerun after a killed driver then need not wait for the claim to lapse."""
     pid = body.get("pid")
-    if body.get("pids") != _pid_space() or not isinstance(pid, int) or pid <= 0:
+    if body.get("pids") != machine.identity("pid") or not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -211,17 +213,3 @@ def _gone(body: dict) -> bool:
         return False
     return False
 
-
-def _pid_space() -> str:
-    """Where this process's pid means something: host name, boot and pid namespace (two
-    containers may share a name and a boot, never a pid namespace)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "?"
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        namespace = "?"
-    return f"{socket.gethostname()}/{boot}/{namespace}"

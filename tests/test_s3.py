@@ -221,14 +221,14 @@ def test_the_claim_of_a_dead_process_on_this_machine_is_removed_at_once(s3, quic
     """A rerun after a driver was killed on this machine need not wait for the lapse."""
     import subprocess
 
-    from pipeline import output_lock
+    from pipeline import machine
     from pipeline.write import OutputDir
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # reaped: its pid names no process now
     with s3.open_output_stream(f"{BUCKET}/rerun/_run-0456.json") as f:
         f.write(json.dumps({"host": socket.gethostname(), "pid": gone.pid,
-                            "pids": output_lock._pid_space(),
+                            "pids": machine.identity("pid"),
                             "started": "2026-11-27T00:00:00"}).encode())
     started = time.monotonic()
     lock = OutputDir(f"s3://{BUCKET}/rerun").lock()
