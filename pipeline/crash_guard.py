@@ -29,11 +29,20 @@ worker on this 2-core machine, against 150 ms to decode a block of 1,024 small d
 seconds for photos); a retry of the task that finds the record decodes that range
 one file at a time, recording each file first, and a file that was being decoded at two
 deaths becomes an error row (``decode_crash``) instead of being decoded a third time.
+
+A shard (tar, Parquet) is read as it is decoded, and its reader is native code too (zlib,
+pyarrow), or meets a member that inflates past the node's memory (a ``.tar.gz`` bomb). So the
+guard also records, once per block, that the task is reading a shard and how many of its rows
+it has read (:meth:`DecodeGuard.reading`); a retry that finds such a record reads that shard
+recording each row first, and a position in a shard where the process died twice ends the
+shard: the rows before it are decoded as usual and one error row (path: the shard) stands
+for the rest, which cannot be read past the crash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -41,6 +50,8 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -116,6 +127,9 @@ DECODE_DIED = ("the decode process died while decoding this file ({n} times): it
                "image decoder, or needs more memory than the node has")
 DECODE_HUNG = ("decoding this file took over {limit:g} s ({n} times; --decode-timeout): the "
                "image decoder hangs on it")
+READ_DIED = ("the decode process died reading this shard after {at:,} of its rows ({n} times): "
+             "its reader crashes on what follows, or it inflates to more memory than the node "
+             "has; the rest of the shard is not read")
 
 # The watchdog looks this often (at most) at the file being decoded.
 WATCH_SECONDS = 1.0
@@ -135,24 +149,36 @@ class DecodeGuard:
     :meth:`row` and :meth:`decoded` around each file; ``key`` names the task (the run and its
     slice). A watchdog thread kills the process when one file has been decoding for more
     than ``timeout`` seconds: a hang becomes a death, which the retries then pin on the file.
-    The clock is set and cleared by attribute stores, so it costs nothing per file."""
+    The clock is set and cleared by attribute stores, so it costs nothing per file.
+    :meth:`reading` does the same for a shard's reader."""
 
     def __init__(self, key: str, timeout: float):
         self.key, self.timeout = key, timeout
-        last = _get(key)  # None: the first attempt (or every earlier one finished)
-        self.strikes: dict[str, int] = dict((last or {}).get("strikes", {}))
-        self.hung: list[str] = list((last or {}).get("hung", []))
-        if last and last.get("row") is not None:  # the file being decoded when it died
+        last = _get(key) or {}  # empty: the first attempt (or every earlier one finished)
+        self.strikes: dict[str, int] = dict(last.get("strikes", {}))
+        self.hung: list[str] = list(last.get("hung", []))
+        # Shard -> {rows read before a death: deaths there}; JSON keys are strings.
+        self.read_strikes: dict[str, dict[str, int]] = {
+            shard: dict(at) for shard, at in last.get("read_strikes", {}).items()}
+        if last.get("row") is not None:  # the file being decoded when it died
             self.strikes[last["row"]] = self.strikes.get(last["row"], 0) + 1
         # The range the last attempt was decoding when it died, in listing order.
-        self.suspect = (last["from"], last["to"]) if last else None
+        self.suspect = (last["from"], last["to"]) if "from" in last else None
         self.careful = False  # recording file by file, through the suspect range
         self.passed = False  # the suspect range's last file has gone by
+        # The shard the last attempt was reading when it died: read it row by row.
+        self.careful_shard: str | None = last.get("reading")
+        if last.get("exact"):  # its record names the row it was reading
+            at = self.read_strikes.setdefault(last["reading"], {})
+            at[str(last["at"])] = at.get(str(last["at"]), 0) + 1
         self.record: dict = {}
         self.decoding: tuple[str, float] | None = None  # (path, since), for the watchdog
-        if last:
+        if self.suspect:
             log.warning("A decode task's process died; decoding %s .. %s one file at a time",
                         *self.suspect)
+        elif self.careful_shard:
+            log.warning("A decode task's process died reading shard %s; reading it again row "
+                        "by row", self.careful_shard)
         self._stop = threading.Event()
         threading.Thread(target=self._watch, name="decode-watchdog", daemon=True).start()
 
@@ -179,6 +205,26 @@ class DecodeGuard:
         self.decoding = (path, time.monotonic())
         return None
 
+    def reading(self, shard: str, rows: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        """``rows``, the (path, payload) pairs that ``shard``'s reader yields, with the reading
+        recorded: once per block (before its first row is read), or before every row where
+        the last attempt died reading this shard. At a position where the process died twice,
+        one error row for the shard ends it instead."""
+        careful = shard == self.careful_shard
+        deadly = [int(at) for at, n in self.read_strikes.get(shard, {}).items() if n >= STRIKES]
+        stop = min(deadly, default=None)
+        for n in itertools.count():
+            if n == stop:
+                deaths = self.read_strikes[shard][str(n)]
+                yield shard, DecodeCrash(READ_DIED.format(at=n, n=deaths))
+                return
+            if careful or self.record.get("reading") != shard:
+                self._put({"reading": shard, "at": n, "exact": careful})
+            row = next(rows, None)
+            if row is None:
+                return
+            yield row
+
     def decoded(self) -> None:
         """The file :meth:`row` let through is decoded (or failed to be)."""
         self.decoding = None
@@ -196,7 +242,8 @@ class DecodeGuard:
         self._stop.set()
 
     def _put(self, record: dict) -> None:
-        self.record = {**record, "strikes": self.strikes, "hung": self.hung}
+        self.record = {**record, "strikes": self.strikes, "hung": self.hung,
+                       "read_strikes": self.read_strikes}
         _put(self.key, self.record)
 
     def _watch(self) -> None:
@@ -209,8 +256,10 @@ class DecodeGuard:
                         "that Ray retries its task", path, self.timeout)
             if path not in self.hung:
                 self.hung.append(path)
-            # Unlike a crash, a hang names its file: record it even in a normal block.
-            self._put({"from": self.record["from"], "to": self.record["to"], "row": path})
+            # Unlike a crash, a hang names its file: record it even in a normal block (whose
+            # range the last record may not hold: it may be a shard's reading).
+            self._put({"from": self.record.get("from", path), "to": self.record.get("to", path),
+                       "row": path})
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -120,7 +120,7 @@ class Watch:
             for path in (crashed or {}).get("examples", []):
                 self.observer.event(
                     f"decoding {path} killed or hung the decoding process twice: it is an error "
-                    "row (decode_crash), and Ray decoded the other files of its task again")
+                    "row (decode_crash), and Ray decoded the other inputs of its task again")
             if bool(batch["isolated"][i]):
                 self.observer.event(
                     f"a block killed an inference process; it was run again one image at a "

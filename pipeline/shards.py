@@ -15,7 +15,9 @@ A shard is a unit of the listing (see :mod:`pipeline.source`) that yields many r
 Same promise as files: anything that cannot be read is an error row, never a crash. A corrupt
 member or table row is that row's error. Where a shard stops being readable (truncated, bad
 header, corrupt row group) the rows that were read stay, and one error row marks the rest:
-path ``<shard>`` for a tar, ``<file>/#row-group-<i>`` for Parquet. A Parquet row whose id is
+path ``<shard>`` for a tar, ``<file>/#row-group-<i>`` for Parquet. A reader that raises
+anything else, or kills its process, ends its shard the same way (path ``<shard>``; see
+:meth:`pipeline.source.Source.decode` and :mod:`pipeline.crash_guard`). A Parquet row whose id is
 null or repeats gets the path ``<file>/#row-<n>`` (its position in the file).
 """
 

@@ -130,6 +130,8 @@ class Source:
             return
         for shard, size, unit in zip(paths, sizes, units):
             rows = self._expand(shard, size)
+            if guard is not None:  # a shard whose reading kills the process: see crash_guard
+                rows = guard.reading(shard, rows)
             for out in _decode_chunks(rows, done, spec, max_pixels, rows_per_block, guard):
                 out["_unit"] = np.full(len(out["path"]), unit, np.int64)
                 yield out
@@ -142,11 +144,17 @@ class Source:
             return
         rows = tar_rows(shard, data) if self.format == "tar" else parquet_rows(
             shard, data, self.image_column, self.id_column)
-        empty = True
-        for row in rows:
-            empty = False
-            yield row
-        if empty:  # every shard accounts for itself with at least one row
+        count = 0
+        try:
+            for row in rows:
+                count += 1
+                yield row
+        except Exception as e:  # a reader's surprise (a member too big for memory, say)
+            # ends the shard like a cut: the rows read stay, one error row marks the rest
+            yield shard, ShardError(f"{self.format} shard unreadable after {count:,} rows: "
+                                    f"{type(e).__name__}: {e}")
+            return
+        if not count:  # every shard accounts for itself with at least one row
             yield shard, ShardError(f"{self.format} shard holds no images")
 
     def _check_columns(self, path: str) -> None:

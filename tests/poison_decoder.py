@@ -2,13 +2,16 @@
 (``worker_process_setup_hook``), it makes Pillow's ``Image.open`` kill its process with SIGSEGV
 on bytes that start with :data:`MARK`, as a bug in a native decoder does on the malformed file
 that triggers it, and never return on bytes that start with :data:`HANG`, as a decoder caught
-in a loop."""
+in a loop. The tar reader gets the same SIGSEGV at a member whose name holds :data:`MARK`, as
+a shard reader does at the part of a shard that crashes it, or the out-of-memory killer at a
+member that inflates to more than the node has (a ``.tar.gz`` bomb)."""
 
 from __future__ import annotations
 
 import io
 import os
 import signal
+import tarfile
 import time
 
 MARK = b"SEGFAULT-ME"
@@ -30,3 +33,13 @@ def install() -> None:
         return real_open(fp, *args, **kwargs)
 
     Image.open = open_
+
+    real_next = tarfile.TarFile.next
+
+    def next_(self):
+        member = real_next(self)
+        if member is not None and MARK.decode() in member.name:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return member
+
+    tarfile.TarFile.next = next_

@@ -10,10 +10,12 @@ These tests start their own Ray (the node test needs several nodes) and shut it 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 import signal
+import tarfile
 import tempfile
 import threading
 import time
@@ -260,8 +262,58 @@ def test_files_that_kill_or_hang_the_decoder_become_error_rows(own_ray, tmp_path
     assert (summary.rows_ok, summary.rows_error) == (150, 2)
     assert sorted(events) == sorted(
         f"decoding {path} killed or hung the decoding process twice: it is an error "
-        "row (decode_crash), and Ray decoded the other files of its task again"
+        "row (decode_crash), and Ray decoded the other inputs of its task again"
         for path in (marked, hangs))
+
+
+def test_a_shard_that_kills_its_reader_keeps_the_rows_before_the_crash(own_ray, tmp_path):
+    """The tar reader dies (SIGSEGV) at one member of a shard, as a reader does on the part of
+    a shard that crashes it or the out-of-memory killer on a member that inflates too far.
+    Ray Data retries a dead read task for ever, so the run hung. Now the guard finds where in
+    the shard the process dies: the rows before that point are predicted, one error row (path:
+    the shard) stands for the rest, and the other shard is untouched."""
+    write_inputs(tmp_path / "images", 40)
+    images = sorted((tmp_path / "images").rglob("*.*"))
+    src = tmp_path / "shards"
+    src.mkdir()
+    for name, crash_at in (("a.tar", 30), ("b.tar", None)):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i, image in enumerate(images):
+                key = f"{poison_decoder.MARK.decode()}-{i:03d}" if i == crash_at else f"{i:03d}"
+                info = tarfile.TarInfo(f"{key}{image.suffix}")
+                info.size = image.stat().st_size
+                tar.addfile(info, io.BytesIO(image.read_bytes()))
+        (src / name).write_bytes(buf.getvalue())
+    events: list[str] = []
+
+    class Heard(Observer):
+        def event(self, message: str) -> None:
+            events.append(message)
+
+    cfg = RunConfig(input=str(src), output=str(tmp_path / "out"), input_format="tar",
+                    progress=False, rows_per_file=8)
+    run = Injector(lambda: run_config(cfg, Heard()))  # in a thread: the old failure is a hang
+    run.start()
+    run.join(timeout=180)
+    assert not run.is_alive(), "the run hung: Ray retries the crashing read task for ever"
+    summary = run.outcome()
+
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)) == 30 + 1 + 40
+    bad = [r for r in rows if r["status"] == "error"]
+    assert [(r["path"], r["error_kind"]) for r in bad] == [(f"{src}/a.tar", "decode_crash")]
+    assert bad[0]["error"] == (
+        "DecodeCrash: the decode process died reading this shard after 30 of its rows (2 "
+        "times): its reader crashes on what follows, or it inflates to more memory than the "
+        "node has; the rest of the shard is not read")
+    assert sorted(p for p in paths if p.startswith(f"{src}/a.tar/")) == [
+        f"{src}/a.tar/{i:03d}{images[i].suffix}" for i in range(30)]
+    assert (summary.rows_ok, summary.rows_error) == (70, 1)
+    assert events == [f"decoding {src}/a.tar killed or hung the decoding process twice: it is "
+                      "an error row (decode_crash), and Ray decoded the other inputs of its "
+                      "task again"]
 
 
 def wait_for_new_calls(calls: Path, after: int, count: int, ended: threading.Event, what: str,

@@ -21,6 +21,7 @@ import pytest
 from driver import Driver
 
 import pipeline
+from pipeline import source
 from pipeline.cli import main
 from pipeline.listing import InputError
 from pipeline.shards import ShardError, parquet_rows, tar_rows
@@ -154,6 +155,26 @@ def _parquet(path: Path, ids: list, images: list, **kwargs) -> Path:
     })
     pq.write_table(table, path, **kwargs)
     return path
+
+
+def test_a_reader_that_raises_ends_its_shard_with_one_error_row(tmp_path, monkeypatch):
+    """An exception the reader does not expect (a member too big for memory, say) would fail
+    the decode task and so the run; it ends the shard as a cut does instead."""
+    shard = tmp_path / "a.tar"
+    shard.write_bytes(b"whatever")
+
+    def reader(path, data):
+        yield f"{path}/0.png", b"image 0"
+        yield f"{path}/1.png", b"image 1"
+        raise MemoryError("cannot allocate 21474836480 bytes")
+
+    monkeypatch.setattr(source, "tar_rows", reader)
+    rows = _rows(source.Source("tar")._expand(str(shard), None))
+    assert list(rows)[:2] == [f"{shard}/0.png", f"{shard}/1.png"]
+    error = rows[str(shard)]
+    assert isinstance(error, ShardError) and str(error) == (
+        "tar shard unreadable after 2 rows: MemoryError: cannot allocate 21474836480 bytes")
+    assert len(rows) == 3
 
 
 def test_parquet_rows_by_id_with_bad_rows_as_errors(sample_dir, tmp_path):
