@@ -108,6 +108,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="a file that takes longer to decode is taken to hang its decoder: its "
                    "decode process is killed and, after a second time, the file is an error "
                    "row (default: %(default)g; raise it for huge JPEG 2000 or TIFF files)")
+    p.add_argument("--infer-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a device call that gives no result for this long is taken to hang "
+                   "(a stuck GPU, a model in an endless loop): its actor is killed and Ray "
+                   "retries its blocks; an image that hangs the model twice is an error row, a "
+                   "device that hangs at start stops the run (default: 50 x the model's first "
+                   "call, at least 120)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="also show Ray's own log lines and the pipeline's INFO logs (default: "
                    "Ray's lines go to a file in its session directory, named in the output)")
@@ -124,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         top_k=args.top_k, logits=args.logits, compute_dtype=args.compute_dtype,
         address=args.address, overwrite=args.overwrite, resume=args.resume,
         rows_per_file=args.rows_per_file, max_pixels=args.max_pixels, progress=args.progress,
-        decode_timeout=args.decode_timeout,
+        decode_timeout=args.decode_timeout, infer_timeout=args.infer_timeout,
         input_format=args.input_format, input_list=args.input_list,
         image_column=args.image_column, id_column=args.id_column,
     )

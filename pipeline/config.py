@@ -53,6 +53,10 @@ class RunConfig:
     # killed; see pipeline.crash_guard). A 100 MP JPEG 2000, the slowest legitimate case at
     # the default max_pixels, is tens of seconds on one core (OpenJPEG decodes a few MP/s).
     decode_timeout: float = 300.0
+    # Seconds a device call may give no result before it is taken to hang (its actor is
+    # killed; see pipeline.crash_guard.HangWatch). None: from the model's own first call
+    # (pipeline.infer.INFER_TIMEOUT_FLOOR and _SLACK say how).
+    infer_timeout: float | None = None
     input_format: str = "images"  # one of INPUT_FORMATS
     input_list: bool = False  # input is a file listing the inputs (.txt, .csv, .parquet)
     image_column: str = "image"  # parquet: the encoded-image column
@@ -102,6 +106,9 @@ class RunConfig:
         if not self.decode_timeout > 0:  # NaN too
             problems.append(f"decode_timeout must be a positive number of seconds, got "
                             f"{self.decode_timeout}")
+        if self.infer_timeout is not None and not self.infer_timeout > 0:
+            problems.append(f"infer_timeout must be a positive number of seconds, got "
+                            f"{self.infer_timeout}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             problems.append(
                 f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")

@@ -18,6 +18,13 @@ images costs 2k + 2 restarts; its other images are predicted as usual.
 An actor that exits because its *device* broke (see :mod:`pipeline.infer`) says so in its
 record first, so its successor does not suspect the block it was running.
 
+A call can also hang: a stuck GPU context, or a model in an endless loop on one image, never
+returns and never raises, and Ray Data waits for it for ever. :class:`HangWatch` kills the
+process when the device has given no result for ``--infer-timeout`` seconds, after recording
+the block (and, one image at a time, the image) that hung: from there the crash's path
+finds the image, with its own message. A hang of the canary batch at start is the device's,
+counted as a device failure.
+
 Decoding has the same hazard: Pillow, libheif, libavif, OpenJPEG and libtiff are native code,
 and a malformed file can crash one or send it into a loop (or a huge image can bring the
 out-of-memory killer). Ray Data retries a read task whose process died, for ever, and waits
@@ -41,6 +48,7 @@ for the rest, which cannot be read past the crash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -50,7 +58,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -60,6 +68,8 @@ log = logging.getLogger(__name__)
 NAMESPACE = "batch-infer"
 STRIKES = 2
 DIED = "the inference process died while predicting this image ({n} times): the model crashes on it"
+HUNG = ("the inference process was killed predicting this image ({n} times): no result for over "
+        "{limit:g} s (--infer-timeout); the model hangs on it")
 
 
 class CrashGuard:
@@ -75,6 +85,10 @@ class CrashGuard:
         self.key = f"{run_id}/{ctx.get_actor_id()}"
         self.recording = reborn
         self.isolated = False  # the last block ran one image at a time
+        # What runs now, for :meth:`hung`: the block's paths, and the image one at a time.
+        self.current: Any = None
+        self.row: int | None = None
+        self.record: dict = {}  # the last record written
         # What the previous incarnation was running when it died (None: nothing recorded).
         self.last = _get(self.key) if reborn else None
         if self.last and self.last.get("device"):
@@ -87,6 +101,7 @@ class CrashGuard:
     def run(self, executor, images: np.ndarray, paths) -> tuple[dict, list[str | None]]:
         """``executor.run_isolating(images)``, surviving images that kill the process."""
         self.isolated = False
+        self.current, self.row = paths, None
         if not self.recording:
             return executor.run_isolating(images)
         block = _digest(paths)
@@ -94,33 +109,97 @@ class CrashGuard:
             last, self.last = self.last, None
             self.isolated = True
             return self._one_at_a_time(executor, images, block, last)
-        _put(self.key, {"block": block, "row": None, "strikes": {}})
+        self._put({"block": block, "row": None, "strikes": {}})
         return executor.run_isolating(images)
 
-    def device_failed(self) -> int:
-        """Record that this process is exiting because its device broke; returns how many
-        times that has happened to this actor in this run (this time included)."""
-        failures = int((_get(f"{self.key}/device") or {}).get("count", 0)) + 1
-        _put(f"{self.key}/device", {"count": failures})
-        _put(self.key, {"device": True})
+    def hung(self, limit: float) -> None:
+        """The device has given no result for ``limit`` seconds inside :meth:`run`, and this
+        process is about to be killed for it: record what hung. Unlike a crash, a hang can
+        name its block (and image) even when nothing was being recorded."""
+        if self.current is None:
+            return
+        if self.row is None:
+            record = {"block": _digest(self.current), "row": None, "strikes": {}}
+        else:
+            record = {**self.record, "hung": sorted({*self.record.get("hung", []), self.row})}
+        self._put({**record, "limit": limit})
+
+    def device_failed(self, reason: str) -> int:
+        """Record that this process is exiting because its device broke (``reason``);
+        returns how many times that has happened to this actor in this run (this time
+        included)."""
+        failures = self.device_failures()[0] + 1
+        _put(f"{self.key}/device", {"count": failures, "reason": reason})
+        self._put({"device": True})
         return failures
+
+    def device_failures(self) -> tuple[int, str]:
+        """How many times this actor's device broke in this run, and the last reason."""
+        record = _get(f"{self.key}/device") or {}
+        return int(record.get("count", 0)), str(record.get("reason", ""))
 
     def _one_at_a_time(self, executor, images: np.ndarray, block: str, last: dict):
         strikes = {int(i): n for i, n in last.get("strikes", {}).items()}
         if last.get("row") is not None:  # the image that was running when the process died
             strikes[last["row"]] = strikes.get(last["row"], 0) + 1
+        hung, limit = last.get("hung", []), last.get("limit", 0)
         log.warning("This block killed an inference process; running it one image at a time")
         out = executor.zeros(len(images))
         errors: list[str | None] = [None] * len(images)
         for i in range(len(images)):
             if strikes.get(i, 0) >= STRIKES:
-                errors[i] = DIED.format(n=strikes[i])
+                text = HUNG if i in hung else DIED
+                errors[i] = text.format(n=strikes[i], limit=limit)
                 continue
-            _put(self.key, {"block": block, "row": i, "strikes": strikes})
+            self.row = i
+            self._put({"block": block, "row": i, "strikes": strikes, "hung": hung,
+                       "limit": limit})
             row_out, (errors[i],) = executor.run_isolating(images[i : i + 1])
             for k, v in row_out.items():
                 out[k][i] = v[0]
+        self.row = None
         return out, errors
+
+    def _put(self, record: dict) -> None:
+        self.record = record
+        _put(self.key, record)
+
+
+class HangWatch:
+    """Kills this process when its device gives no result for ``limit`` seconds while work
+    waits on it (:meth:`watching`). A stuck call (a GPU context that never completes, a
+    model caught in an endless loop) neither returns nor raises: Ray Data would wait for it,
+    and the run would hang, for ever. ``on_hang(limit)`` runs first, to record what hung;
+    then Ray replaces the process and retries its blocks, and :class:`CrashGuard` finds the
+    image that hangs, or the canary at start shows the device stuck. ``last_result()``: when
+    the device last answered (``time.monotonic()``)."""
+
+    def __init__(self, last_result: Callable[[], float], on_hang: Callable[[float], None]):
+        self._last_result, self._on_hang = last_result, on_hang
+        self._since: float | None = None  # watching since (None: nothing waits on the device)
+        self._limit = 0.0
+        threading.Thread(target=self._watch, name="infer-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def watching(self, limit: float) -> Iterator[None]:
+        self._limit, self._since = limit, time.monotonic()
+        try:
+            yield
+        finally:
+            self._since = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(WATCH_SECONDS, self._limit / 4 or WATCH_SECONDS))
+            since, limit = self._since, self._limit
+            if since is None or time.monotonic() - max(since, self._last_result()) <= limit:
+                continue
+            log.error("The device has given no result for %g s: killing this inference "
+                      "process so that Ray replaces it and retries its blocks", limit)
+            try:
+                self._on_hang(limit)
+            finally:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 DECODE_DIED = ("the decode process died while decoding this file ({n} times): it crashes the "

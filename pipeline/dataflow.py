@@ -66,6 +66,7 @@ def execute(
             "run_id": run_id, "fingerprint": fingerprint, "weights": weights,
             "device_batch_size": plan.device_batch_size,
             "output": cfg.output, "rows_per_file": cfg.rows_per_file,
+            "infer_timeout": cfg.infer_timeout,
         },
         # A whole decoded block per call; the actor feeds it to the device a device batch at
         # a time. Ray Data's cost per call paid once per 32 rows was 60% of the actor's time.

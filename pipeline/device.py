@@ -62,7 +62,7 @@ class Executor:
     def __init__(
         self, program: Callable[[Any, Any], dict[str, Any]], params: Any,
         input_shape: tuple[int, ...], unit: int, device_batch: int | None = None,
-        devices: list[Any] | None = None, depth: int = DEPTH,
+        devices: list[Any] | None = None, depth: int = DEPTH, canary: bool = True,
     ):
         import jax
         import jax.numpy as jnp
@@ -98,8 +98,20 @@ class Executor:
         self.compile_seconds = time.perf_counter() - start
         self.compilations = len(self._programs)
         self.seconds = {"dispatch": 0.0, "wait": 0.0}
+        # When the device last gave a result (or an error): a watchdog's sign of life.
+        self.last_result = time.monotonic()
         self._canary = np.zeros((unit, *input_shape), np.uint8)  # (unit, H, W, C)
+        self._canary_out: Outputs = {}
+        self.canary_seconds = 0.0  # the canary's first call: what a unit-sized call costs
+        if canary:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run the canary batch and keep its outputs (the constructor does, unless asked not
+        to: a caller that watches the device for hangs starts watching after compiling)."""
+        start = time.perf_counter()
         self._canary_out = self._call(self._canary)
+        self.canary_seconds = time.perf_counter() - start
 
     @property
     def platform(self) -> str:
@@ -248,6 +260,7 @@ class Executor:
             result = {k: np.asarray(v)[: span[1] - span[0]] for k, v in y.items()}
         except Exception as e:  # the program failed on the device (or in a host callback)
             result = e
+        self.last_result = time.monotonic()
         self.seconds["wait"] += time.perf_counter() - t
         return span, result
 
@@ -256,8 +269,11 @@ class Executor:
         import jax
 
         compiled, sharding = self._programs[self.unit]
-        y = compiled(self.params, jax.device_put(_pad(images, self.unit), sharding))
-        return {k: np.asarray(v)[: len(images)] for k, v in y.items()}
+        try:
+            y = compiled(self.params, jax.device_put(_pad(images, self.unit), sharding))
+            return {k: np.asarray(v)[: len(images)] for k, v in y.items()}
+        finally:
+            self.last_result = time.monotonic()
 
     def _bisect(self, images, lo: int, hi: int, out: Outputs, errors: list) -> None:
         """Find the images of ``images[lo:hi]`` whose calls fail: unit-sized pieces, then

@@ -9,11 +9,15 @@ guard around it) and turns the outputs into result columns.
 
 When a call fails and the canary fails too, the device is broken, not the images: the actor
 process exits, Ray starts a new one and retries its blocks; after MAX_DEVICE_FAILURES such
-exits of one actor the run stops with the device's error instead of writing error rows.
+exits of one actor the run stops with the device's error instead of writing error rows. A
+call that never returns is killed by a watchdog (:class:`pipeline.crash_guard.HangWatch`):
+a hang at start (the canary batch) counts as such a device failure; one in a block is
+pinned on its image by the crash guard, as a crash is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -23,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import device, platforms
-from pipeline.crash_guard import CrashGuard
+from pipeline.crash_guard import CrashGuard, HangWatch
 from pipeline.model import ModelError, ModelSpec, load_model
 from pipeline.write import PartWriter, output_schema
 
@@ -38,6 +42,14 @@ MAX_DEVICE_FAILURES = 3
 STAGES = ("decode", "dispatch", "wait", "infer")
 # Exit status of an actor that found its device broken (EX_TEMPFAIL: try again elsewhere).
 DEVICE_FAILURE_EXIT = 75
+# A device call that gives no result for this long hangs (--infer-timeout; see
+# crash_guard.HangWatch): SLACK times what the canary batch's first call took, scaled to a
+# device batch, and never under FLOOR. A device batch takes milliseconds to a few seconds on
+# a GPU and up to about a minute for a CLIP-L batch on a few CPU cores; a call 50 times
+# slower than its own first call (which includes one-off start-up costs) is not slow but
+# stuck. The floor covers the calls before any is timed, and noisy shared CPUs.
+INFER_TIMEOUT_FLOOR = 120.0
+INFER_TIMEOUT_SLACK = 50.0
 _FIX = {
     "gpu": "install the CUDA build of jaxlib there (pip install 'jax[cuda12]'), or run "
            "without --gpus-per-actor; --platform cpu computes on the CPU on purpose",
@@ -53,9 +65,16 @@ class Predictor:
         logits: bool = False, compute_dtype: str = "float32", run_id: str | None = None,
         platform: str = "cpu", fingerprint: str | None = None,
         device_batch_size: int | None = None, output: str | None = None,
-        rows_per_file: int = 10_000, weights: str = "",
+        rows_per_file: int = 10_000, weights: str = "", infer_timeout: float | None = None,
     ):
         start = time.perf_counter()
+        # In a Ray run: images that kill this process are found across its restarts.
+        self.guard = CrashGuard(run_id) if run_id else None
+        self._gave_up: device.DeviceFailure | None = None
+        failures, reason = self.guard.device_failures() if self.guard else (0, "")
+        if failures >= MAX_DEVICE_FAILURES:  # its device hung at start, again and again
+            self._gave_up = _giving_up(failures, reason)
+            return
         platforms.configure(platform)
         try:
             devices = platforms.select_devices(platform)
@@ -70,9 +89,20 @@ class Predictor:
         program = self.model.program(self.top_k, self.logits, compute_dtype)
         self.executor = device.Executor(
             program, self.model.compute_params(compute_dtype), self.spec.shape, batch_size,
-            device_batch_size, devices,
+            device_batch_size, devices, canary=False,
         )
-        moved = self.executor.mixing()
+        # Compiled: from here on a device call that never returns is a hang (see
+        # crash_guard.HangWatch). Until a call has been timed, the floor is the limit.
+        self.watch = HangWatch(lambda: self.executor.last_result, self._hung) if run_id else None
+        self._starting = False  # what the watch watches: start-up (the device) or a block
+        self.limit = infer_timeout or INFER_TIMEOUT_FLOOR
+        with self._watching(starting=True):
+            self.executor.warm_up()
+            moved = self.executor.mixing()
+        if infer_timeout is None:
+            batches = self.executor.device_batch / batch_size
+            self.limit = max(INFER_TIMEOUT_FLOOR,
+                             INFER_TIMEOUT_SLACK * batches * self.executor.canary_seconds)
         if moved is not None:
             raise ModelError(
                 f"{self.model.source}: row 0's outputs change (by up to {moved:.3g}) when the "
@@ -80,8 +110,6 @@ class Predictor:
                 "results; put the model in inference mode (BatchNorm on running statistics, "
                 "no dropout: e.g. train=False, model.eval(), eqx.nn.inference_mode)."
             )
-        # In a Ray run: images that kill this process are found across its restarts.
-        self.guard = CrashGuard(run_id) if run_id else None
         # In a run: this actor commits its own results (see pipeline.write); without an
         # output, __call__ returns the result columns instead (tests, benchmarks).
         self.writer = None
@@ -91,7 +119,6 @@ class Predictor:
         self.where = {**_node(), "pid": os.getpid(), "device": self.executor.describe()}
         self.device_lock = threading.Lock()  # two calls in flight share one device
         self._isolated = False
-        self._gave_up: device.DeviceFailure | None = None
         log.info(
             "Predictor pid %d: model %s on %s, compiled in %.2fs (ready in %.2fs)",
             os.getpid(), self.fingerprint, self.executor.describe(),
@@ -100,6 +127,8 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """A decoded block -> its part records (in a run), or its result columns."""
+        if self._gave_up is not None:  # the run is stopping: every call says why, once more
+            raise self._gave_up
         result = self.predict(batch)
         isolated = result.pop("_isolated")
         if self.writer is None:
@@ -130,7 +159,7 @@ class Predictor:
         every = len(good) == len(images)  # the usual block: a view, not a copy
         rows = slice(None) if every else good
         start = time.perf_counter()
-        with self.device_lock:
+        with self.device_lock, self._watching():
             before = dict(self.executor.seconds)
             outputs, model_errors = self._run(images[rows], batch["path"][rows])
             spent = {k: v - before[k] for k, v in self.executor.seconds.items()}
@@ -165,16 +194,40 @@ class Predictor:
         except device.DeviceFailure as e:
             if self.guard is None:
                 raise
-            failures = self.guard.device_failed()
+            failures = self.guard.device_failed(str(e))
             if failures >= MAX_DEVICE_FAILURES:
-                self._gave_up = device.DeviceFailure(
-                    f"{_where()}: the device failed {failures} times in this actor, each time "
-                    f"in a fresh process; giving up: {e}"
-                )
+                self._gave_up = _giving_up(failures, str(e))
                 raise self._gave_up from e
             log.error("%s: %s; exiting so that Ray replaces this actor", _where(), e)
             logging.shutdown()
             os._exit(DEVICE_FAILURE_EXIT)  # Ray restarts the actor and retries its blocks
+
+    @contextlib.contextmanager
+    def _watching(self, starting: bool = False):
+        """Device work in this block of code: a hang kills the process (in a run).
+        ``starting``: the canary batch and start-up checks, whose hang is the device's."""
+        if self.watch is None:
+            yield
+            return
+        self._starting = starting
+        with self.watch.watching(self.limit):
+            yield
+
+    def _hung(self, limit: float) -> None:
+        """The watchdog's last word before it kills this process: a hang while starting (the
+        canary batch) is the device's; one in a block may be an image's (see CrashGuard)."""
+        if self._starting:
+            self.guard.device_failed(
+                f"the device gave no result for {limit:g} s running the canary batch at "
+                f"start ({self.executor.describe()}): it hangs")
+        else:
+            self.guard.hung(limit)
+
+
+def _giving_up(failures: int, reason: str) -> device.DeviceFailure:
+    return device.DeviceFailure(
+        f"{_where()}: the device failed {failures} times in this actor, each time in a fresh "
+        f"process; giving up: {reason}")
 
 
 def _node() -> dict[str, str]:
@@ -207,9 +260,9 @@ def _where() -> str:
 
 
 def model_error_kind(error: str) -> str:
-    """``error_kind`` of a row the model stage failed: the process died on it, or the model
-    raised or returned NaN/Inf for it."""
-    return "model_crash" if error.startswith("the inference process died") else "model_failure"
+    """``error_kind`` of a row the model stage failed: the process died or hung on it, or the
+    model raised or returned NaN/Inf for it."""
+    return "model_crash" if error.startswith("the inference process") else "model_failure"
 
 
 def result_columns(

@@ -21,6 +21,12 @@ be on ``PYTHONPATH`` for Ray's workers, see :func:`worker_env`). OPTIONS.json ho
   ECC errors): nothing is wrong with the images, and the canary batch fails too. Only the
   first ``breaking_processes`` processes break (``breaks``: a directory where each leaves a
   file), so a replacement can finish the work; -1: every process breaks.
+- ``"hang"``: a call whose batch holds a poison image never returns, as a model caught in an
+  endless loop on one input. ``"stuck"``: after its first ``break_after`` calls, a process's
+  device hangs, as a GPU context that stops completing work does: that call and every later
+  call, in every process, never return (the device stays stuck: ``breaks`` holds a file
+  saying so) unless ``breaking_processes`` is 1, when only the first process's device
+  sticks and a replacement finds it sound again.
 
 Faults live inside the jitted function, as they would in a user's model: the pipeline cannot
 tell them from a real failure.
@@ -81,9 +87,9 @@ def read_calls(path: str | Path) -> list[Call]:
 def build(path: str | None = None) -> Model:
     """Model factory: the bundled CNN with the faults OPTIONS.json at ``path`` asks for."""
     options = {**DEFAULTS, **(json.loads(Path(path).read_text()) if path else {})}
-    if options["mode"] not in ("none", "nan", "raise", "exit", "break"):
-        raise ValueError(
-            f"poison_model mode must be none, nan, raise, exit or break, got {options['mode']!r}")
+    modes = ("none", "nan", "raise", "exit", "break", "hang", "stuck")
+    if options["mode"] not in modes:
+        raise ValueError(f"poison_model mode must be one of {modes}, got {options['mode']!r}")
     base = digits_cnn.build()
     return Model(
         apply=_make_apply(base.apply, options, base.spec.scale), params=base.params,
@@ -114,9 +120,27 @@ def _make_apply(inner, options: dict, scale: float):
                 (broke / str(os.getpid())).touch()
         return breaking[0]
 
+    def stuck() -> bool:  # after broken(), which counts the call
+        if mode != "stuck":
+            return False
+        flag = Path(options["breaks"]) / "stuck"
+        if flag.exists():
+            return options["breaking_processes"] != 1 or flag.read_text() == str(os.getpid())
+        if made[0] > options["break_after"]:
+            flag.parent.mkdir(exist_ok=True)
+            flag.write_text(str(os.getpid()))
+            return True
+        return False
+
+    def hang() -> None:
+        while True:
+            time.sleep(60)
+
     def host(poison: np.ndarray, real: np.ndarray, x: np.ndarray) -> None:
         if broken():
             raise RuntimeError("simulated device failure: CUDA_ERROR_ILLEGAL_ADDRESS")
+        if stuck():
+            hang()
         if calls:
             ids = ",".join(_digest(row) for row in x[real]) or "-"
             line = f"{os.getpid()} {int(real.sum())} {_node_id()} {ids}\n"
@@ -128,6 +152,8 @@ def _make_apply(inner, options: dict, scale: float):
             raise ValueError(f"poison image in batch rows {np.flatnonzero(poison).tolist()}")
         if mode == "exit" and poison.any():
             os._exit(70)  # no exception, no cleanup: the process is simply gone
+        if mode == "hang" and poison.any():
+            hang()
 
     def apply(params, x):  # x: (B, H, W, C) float32
         poison = jnp.all(jnp.abs(x - marker) < 1e-6, axis=(1, 2, 3))  # (B,) bool

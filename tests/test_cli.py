@@ -35,6 +35,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--input", "{samples}", "--output", "{tmp}/o", "--max-pixels", "-1"], "max_pixels must be"),
         (["--input", "{samples}", "--output", "{tmp}/o", "--decode-timeout", "0"],
          "decode_timeout must be a positive number of seconds, got 0.0"),
+        (["--input", "{samples}", "--output", "{tmp}/o", "--infer-timeout", "-1"],
+         "infer_timeout must be a positive number of seconds, got -1.0"),
         (["--input", "{samples}", "--output", "{tmp}/afile/o"], "Not a directory"),
         (["--input", "{tmp}/inputs.txt.gz", "--output", "{tmp}/o"],
          "is a list, not an image: to read the inputs it names, pass --input-list."),
