@@ -22,8 +22,8 @@ import numpy as np
 import poison_model
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from conftest import COMPILES, digit_images
+from PIL import Image
 
 import pipeline
 from pipeline.device import DeviceFailure, Executor
