@@ -24,9 +24,10 @@ from pipeline.config import RunConfig
 from pipeline.crash_guard import DecodeGuard
 from pipeline.infer import Predictor
 from pipeline.listing import ListingFile
-from pipeline.plan import Plan
+from pipeline.plan import Plan, PlanError
 from pipeline.read import storage_env
 from pipeline.source import Source
+from pipeline.visible import Witnesses
 from pipeline.write import OutputDir, part_range
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 def execute(
     cfg: RunConfig, plan: Plan, listing: ListingFile, committed: list[str], spec,
     source: Source, fingerprint: str, run_id: str, weights: str = "",
+    witnesses: Witnesses | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield batches of part records (see :class:`pipeline.write.PartWriter`) as parts are
     committed, in whatever order they finish."""
@@ -55,7 +57,7 @@ def execute(
     if env:
         decode["runtime_env"] = env
     units = _Slices(listing, slices, cfg.output, source, spec, cfg.max_pixels,
-                    plan.rows_per_block, run_id, cfg.decode_timeout)
+                    plan.rows_per_block, run_id, cfg.decode_timeout, witnesses)
     ds = ray.data.read_datasource(units, override_num_blocks=len(slices), **decode)
     ds = ds.map_batches(
         Predictor,
@@ -66,7 +68,7 @@ def execute(
             "run_id": run_id, "fingerprint": fingerprint, "weights": weights,
             "device_batch_size": plan.device_batch_size,
             "output": cfg.output, "rows_per_file": cfg.rows_per_file,
-            "infer_timeout": cfg.infer_timeout,
+            "infer_timeout": cfg.infer_timeout, "witnesses": witnesses,
         },
         # A whole decoded block per call; the actor feeds it to the device a device batch at
         # a time. Ray Data's cost per call paid once per 32 rows was 60% of the actor's time.
@@ -115,10 +117,12 @@ class _Slices(Datasource):
     described from the driver's own numbers, so planning costs no remote call."""
 
     def __init__(self, listing: ListingFile, slices, output: str, source: Source, spec,
-                 max_pixels: int, rows: int, run_id: str, decode_timeout: float):
+                 max_pixels: int, rows: int, run_id: str, decode_timeout: float,
+                 witnesses: Witnesses | None):
         self._listing, self._slices, self._output = listing, slices, output
         self._source, self._spec, self._max_pixels, self._rows = source, spec, max_pixels, rows
         self._run_id, self._decode_timeout = run_id, decode_timeout
+        self._witnesses = witnesses
 
     def estimate_inmemory_data_size(self) -> int:
         return self._listing.count * int(np.prod(self._spec.shape))
@@ -131,7 +135,8 @@ class _Slices(Datasource):
             ReadTask(
                 functools.partial(_decode_slice, self._listing, lo, hi, parts, self._output,
                                   self._source, self._spec, self._max_pixels, self._rows,
-                                  f"{self._run_id}/decode/{lo}", self._decode_timeout),
+                                  f"{self._run_id}/decode/{lo}", self._decode_timeout,
+                                  self._witnesses),
                 BlockMetadata(num_rows=hi - lo, size_bytes=(hi - lo) * image_bytes,
                               input_files=None, exec_stats=None),
             )
@@ -141,20 +146,61 @@ class _Slices(Datasource):
 
 def _decode_slice(listing: ListingFile, lo: int, hi: int, parts: list[str], output: str,
                   source: Source, spec, max_pixels: int, rows: int, guard_key: str,
-                  decode_timeout: float):
+                  decode_timeout: float, witnesses: Witnesses | None):
     # A generator: each decoded block goes downstream as soon as it is done, and a shard
     # becomes several blocks, never one huge one.
+    try:
+        table = listing.read(lo, hi)
+    except FileNotFoundError:  # a node that does not see the output: say so, in one line
+        if witnesses is not None:
+            witnesses.check()
+        raise
     done = OutputDir(output).paths_in(parts) if parts else frozenset()
-    table = listing.read(lo, hi)
     units = np.arange(lo, hi, dtype=np.int64)
     # A file that kills this process or hangs its decoder: see crash_guard.
     guard = DecodeGuard(guard_key, decode_timeout)
     try:
-        for block in source.decode(table, units, done, spec, max_pixels, rows, guard):
+        for block in source.decode(table, units, done, spec, max_pixels, rows, guard,
+                                   witnesses):
             yield BlockAccessor.batch_to_block(block)
         guard.finished()
     finally:
         guard.close()
+
+
+def check_nodes_see(witnesses: Witnesses, cluster) -> None:
+    """Before a run: raise :class:`pipeline.plan.PlanError` if a node that may work for it
+    does not see its local input or output (see :mod:`pipeline.visible`). One task per node
+    (a second or so, in parallel); nothing to do when every node is the driver's own, or
+    nothing is local."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in cluster.nodes if (n.cpus or n.gpus) and n.node_id != here]
+    if not witnesses.local or not nodes:
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(_unseen)
+    pending = {
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False),
+                      runtime_env=_task_env()).remote(witnesses): n
+        for n in nodes
+    }
+    ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=PROBE_SECONDS)
+    if late:  # a node too busy or too slow to answer: its tasks check for themselves
+        log.warning("%d node(s) did not answer the shared-storage check in %g s: %s",
+                    len(late), PROBE_SECONDS, ", ".join(pending[r].ip for r in late))
+    problems = [p for p in ray.get(ready) if p]
+    if problems:
+        more = f" (and {len(problems) - 1} other node(s))" if len(problems) > 1 else ""
+        raise PlanError(problems[0] + more)
+
+
+# How long the driver waits for every node's shared-storage check (a worker process start).
+PROBE_SECONDS = 60.0
+
+
+def _unseen(witnesses: Witnesses) -> str | None:
+    return witnesses.unseen()
 
 
 def _task_env() -> dict[str, Any] | None:

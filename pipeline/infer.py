@@ -28,7 +28,9 @@ import numpy as np
 
 from pipeline import device, platforms
 from pipeline.crash_guard import CrashGuard, HangWatch
+from pipeline.machine import where
 from pipeline.model import ModelError, ModelSpec, load_model
+from pipeline.visible import Witnesses
 from pipeline.write import PartWriter, output_schema
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,11 @@ class Predictor:
         platform: str = "cpu", fingerprint: str | None = None,
         device_batch_size: int | None = None, output: str | None = None,
         rows_per_file: int = 10_000, weights: str = "", infer_timeout: float | None = None,
+        witnesses: Witnesses | None = None,
     ):
         start = time.perf_counter()
+        if witnesses is not None:  # a node that cannot see a local output would write its
+            witnesses.check(inputs=False)  # parts where nobody else does
         # In a Ray run: images that kill this process are found across its restarts.
         self.guard = CrashGuard(run_id) if run_id else None
         self._gave_up: device.DeviceFailure | None = None
@@ -80,7 +85,7 @@ class Predictor:
             devices = platforms.select_devices(platform)
         except platforms.DeviceError as e:
             fix = _FIX.get(platform, _FIX["cpu"])
-            raise platforms.DeviceError(f"{_where()}: {e}; {fix}.") from e
+            raise platforms.DeviceError(f"{where()}: {e}; {fix}.") from e
         self.model = load_model(model_path, model_fn, weights=weights)  # the driver's version
         self.spec: ModelSpec = self.model.spec
         self.fingerprint = fingerprint or self.model.fingerprint
@@ -198,7 +203,7 @@ class Predictor:
             if failures >= MAX_DEVICE_FAILURES:
                 self._gave_up = _giving_up(failures, str(e))
                 raise self._gave_up from e
-            log.error("%s: %s; exiting so that Ray replaces this actor", _where(), e)
+            log.error("%s: %s; exiting so that Ray replaces this actor", where(), e)
             logging.shutdown()
             os._exit(DEVICE_FAILURE_EXIT)  # Ray restarts the actor and retries its blocks
 
@@ -226,7 +231,7 @@ class Predictor:
 
 def _giving_up(failures: int, reason: str) -> device.DeviceFailure:
     return device.DeviceFailure(
-        f"{_where()}: the device failed {failures} times in this actor, each time in a fresh "
+        f"{where()}: the device failed {failures} times in this actor, each time in a fresh "
         f"process; giving up: {reason}")
 
 
@@ -243,20 +248,6 @@ def _node() -> dict[str, str]:
     except ImportError:
         pass
     return {"node_id": socket.gethostname(), "node_ip": ""}
-
-
-def _where() -> str:
-    """This node, for messages: its address and host name."""
-    import socket
-
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return f"node {ray.util.get_node_ip_address()} ({socket.gethostname()})"
-    except ImportError:
-        pass
-    return f"host {socket.gethostname()}"
 
 
 def model_error_kind(error: str) -> str:

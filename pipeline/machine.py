@@ -21,3 +21,16 @@ def identity(namespace: str) -> str:
     except OSError:
         space = "?"
     return f"{socket.gethostname()}/{boot}/{space}"
+
+
+def where() -> str:
+    """This node, for messages: its address and host name ("node IP (HOST)" in a Ray
+    worker or driver, "host HOST" outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"node {ray.util.get_node_ip_address()} ({socket.gethostname()})"
+    except ImportError:
+        pass
+    return f"host {socket.gethostname()}"

@@ -26,9 +26,11 @@ from pipeline.infer import empty_outputs, result_columns
 from pipeline.listing import ListingFile
 from pipeline.manifest import prepare
 from pipeline.model import Model, ModelError, check_model, load_model
+from pipeline.plan import PlanError
 from pipeline.platforms import DeviceError, pin_to_cpu
 from pipeline.progress import Observer, Progress, Stats, Watch  # noqa: F401 (Progress: API)
 from pipeline.source import Source
+from pipeline.visible import Witnesses
 from pipeline.write import (
     SUMMARY,
     OutputDir,
@@ -131,6 +133,8 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
             observer.ray_starting()
             dataflow.ensure_ray(cfg.address, quiet=observer.quiet)
             cluster, plan = _plan(cfg, model, listing, source, flops, summary)
+            witnesses = Witnesses.of(cfg.input, cfg.output, listing)
+            dataflow.check_nodes_see(witnesses, cluster)
             expected = None if source.sharded else listing.count - summary.rows_resumed
             observer.started({
                 "input": cfg.input, "inputs": listing.count, "format": cfg.input_format,
@@ -145,7 +149,7 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
             try:
                 if expected != 0:
                     records = dataflow.execute(cfg, plan, listing, committed, model.spec, source,
-                                               fingerprint, run_id, model.weights)
+                                               fingerprint, run_id, model.weights, witnesses)
                     for batch in records:
                         stats.add(batch, tally)
                         watch.records(batch)
@@ -263,7 +267,7 @@ def _write_missing(out: OutputDir, cfg: RunConfig, model: Model, fingerprint: st
 # the text of a worker's traceback (an actor's failed __init__ keeps no exception object),
 # which names each by the module that defines it.
 _OURS = {f"{c.__module__}.{c.__qualname__}": c
-         for c in (DeviceError, DeviceFailure, ModelError, WriteFailure)}
+         for c in (DeviceError, DeviceFailure, ModelError, PlanError, WriteFailure)}
 
 
 def our_error(e: BaseException) -> Exception | None:

@@ -31,6 +31,7 @@ from pipeline.shards import (
     tar_rows,
 )
 from pipeline.spec import ModelSpec
+from pipeline.visible import Witnesses
 from pipeline.walk import Walk
 
 log = logging.getLogger(__name__)
@@ -109,18 +110,22 @@ class Source:
     def decode(
         self, listing: pa.Table, units: np.ndarray, done: AbstractSet[str], spec: ModelSpec,
         max_pixels: int, rows_per_block: int, guard: DecodeGuard | None = None,
+        witnesses: Witnesses | None = None,
     ) -> Iterator[dict]:
         """Decode one task's slice of the listing (columns path, size; ``units``: each row's
         listing index), skipping rows already ``done``: yields blocks of at most
         ``rows_per_block`` rows (``decode_payloads`` columns plus ``_unit``), each as soon as
-        it is decoded. ``guard``: see :func:`pipeline.decode.decode_payloads`."""
+        it is decoded. ``guard``: see :func:`pipeline.decode.decode_payloads`. ``witnesses``:
+        at the first input that is not there, this node checks that it sees the input at all
+        (:mod:`pipeline.visible`) before taking it for a removed file."""
+        missing = _MissingCheck(witnesses)
         paths = listing.column("path").to_pylist()
         sizes = listing.column("size").to_pylist()
         if not self.sharded:
             keep = [i for i, p in enumerate(paths) if p not in done]
             paths, sizes, units = [paths[i] for i in keep], [sizes[i] for i in keep], units[keep]
             # Reads run ahead in threads across blocks; a known size saves a HEAD request.
-            fetched = (payload for _, payload in fetch_all(paths, sizes))
+            fetched = (missing(payload) for _, payload in fetch_all(paths, sizes))
             for i in range(0, len(paths), rows_per_block):
                 block = paths[i : i + rows_per_block]
                 out = decode_payloads(block, itertools.islice(fetched, len(block)), spec,
@@ -129,17 +134,20 @@ class Source:
                 yield out
             return
         for shard, size, unit in zip(paths, sizes, units):
-            rows = self._expand(shard, size)
+            rows = self._expand(shard, size, missing)
             if guard is not None:  # a shard whose reading kills the process: see crash_guard
                 rows = guard.reading(shard, rows)
             for out in _decode_chunks(rows, done, spec, max_pixels, rows_per_block, guard):
                 out["_unit"] = np.full(len(out["path"]), unit, np.int64)
                 yield out
 
-    def _expand(self, shard: str, size: int | None) -> Iterator[tuple[str, Payload]]:
+    def _expand(self, shard: str, size: int | None,
+                missing: _MissingCheck | None = None) -> Iterator[tuple[str, Payload]]:
         try:
             data = load_bytes(shard, size)
         except Exception as e:  # an unreadable shard is one error row, like an unreadable file
+            if missing is not None:
+                missing(e)
             yield shard, ShardError(f"shard unreadable: {type(e).__name__}: {e}")
             return
         rows = tar_rows(shard, data) if self.format == "tar" else parquet_rows(
@@ -176,6 +184,20 @@ class Source:
                 f"{', '.join(names)}); name them with --image-column and --id-column."
             )
 
+
+
+class _MissingCheck:
+    """Passes payloads through; at the first input that is not there, checks (once) that
+    this node sees the input at all, raising :class:`pipeline.plan.PlanError` if not."""
+
+    def __init__(self, witnesses: Witnesses | None):
+        self.witnesses, self.checked = witnesses, witnesses is None
+
+    def __call__(self, payload):
+        if not self.checked and isinstance(payload, FileNotFoundError):
+            self.checked = True
+            self.witnesses.check()
+        return payload
 
 
 def _decode_chunks(
