@@ -189,7 +189,15 @@ def check_nodes_see(witnesses: Witnesses, cluster) -> None:
     if late:  # a node too busy or too slow to answer: its tasks check for themselves
         log.warning("%d node(s) did not answer the shared-storage check in %g s: %s",
                     len(late), PROBE_SECONDS, ", ".join(pending[r].ip for r in late))
-    problems = [p for p in ray.get(ready) if p]
+    problems = []
+    for ref in ready:
+        try:
+            problem = ray.get(ref)
+        except Exception as e:  # a node that cannot run our code: its own tasks will say so
+            log.warning("Could not check node %s for shared storage: %s", pending[ref].ip, e)
+            continue
+        if problem:
+            problems.append(problem)
     if problems:
         more = f" (and {len(problems) - 1} other node(s))" if len(problems) > 1 else ""
         raise PlanError(problems[0] + more)
