@@ -165,37 +165,58 @@ class CrashGuard:
         _put(self.key, record)
 
 
-class HangWatch:
-    """Kills this process when its device gives no result for ``limit`` seconds while work
-    waits on it (:meth:`watching`). A stuck call (a GPU context that never completes, a
-    model caught in an endless loop) neither returns nor raises: Ray Data would wait for it,
-    and the run would hang, for ever. ``on_hang(limit)`` runs first, to record what hung;
-    then Ray replaces the process and retries its blocks, and :class:`CrashGuard` finds the
-    image that hangs, or the canary at start shows the device stuck. ``last_result()``: when
-    the device last answered (``time.monotonic()``)."""
+# A HangWatch looks this often (at most) at what it watches.
+WATCH_SECONDS = 1.0
 
-    def __init__(self, last_result: Callable[[], float], on_hang: Callable[[float], None]):
-        self._last_result, self._on_hang = last_result, on_hang
-        self._since: float | None = None  # watching since (None: nothing waits on the device)
+
+class HangWatch:
+    """Kills this process when watched work (between :meth:`begin` and :meth:`end`, or in
+    :meth:`watching`) shows no sign of life for ``limit`` seconds: a hang becomes a death,
+    which Ray answers by replacing the process and retrying its work, and which the guards
+    here then pin on its cause. ``on_hang(limit)`` runs first, to record what hung.
+
+    Serves both stages. In an actor, a stuck call (a GPU context that never completes, a
+    model caught in an endless loop) neither returns nor raises: Ray Data would wait for it,
+    and the run would hang, for ever; ``last_result()`` (when the device last answered,
+    ``time.monotonic()``) is its sign of life, and :class:`CrashGuard` finds the image that
+    hangs, or the canary at start shows the device stuck. In a decode task, one file taking
+    too long is the hang (:class:`DecodeGuard`). Starting and ending the clock are attribute
+    stores, so watching costs nothing per file or call."""
+
+    def __init__(self, on_hang: Callable[[float], None],
+                 last_result: Callable[[], float] | None = None, name: str = "watchdog"):
+        self._on_hang, self._last_result = on_hang, last_result
+        self._since: float | None = None  # watching since (None: nothing is watched)
         self._limit = 0.0
-        threading.Thread(target=self._watch, name="infer-watchdog", daemon=True).start()
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name=name, daemon=True).start()
+
+    def begin(self, limit: float) -> None:
+        self._limit, self._since = limit, time.monotonic()
+
+    def end(self) -> None:
+        self._since = None
 
     @contextlib.contextmanager
     def watching(self, limit: float) -> Iterator[None]:
-        self._limit, self._since = limit, time.monotonic()
+        self.begin(limit)
         try:
             yield
         finally:
-            self._since = None
+            self.end()
+
+    def close(self) -> None:
+        """Stop watching for good (Ray reuses a task's process for other tasks)."""
+        self._stop.set()
 
     def _watch(self) -> None:
-        while True:
-            time.sleep(min(WATCH_SECONDS, self._limit / 4 or WATCH_SECONDS))
+        while not self._stop.wait(min(WATCH_SECONDS, self._limit / 4 or WATCH_SECONDS)):
             since, limit = self._since, self._limit
-            if since is None or time.monotonic() - max(since, self._last_result()) <= limit:
+            if since is None:
                 continue
-            log.error("The device has given no result for %g s: killing this inference "
-                      "process so that Ray replaces it and retries its blocks", limit)
+            alive = max(since, self._last_result()) if self._last_result else since
+            if time.monotonic() - alive <= limit:
+                continue
             try:
                 self._on_hang(limit)
             finally:
@@ -209,9 +230,6 @@ DECODE_HUNG = ("decoding this file took over {limit:g} s ({n} times; --decode-ti
 READ_DIED = ("the decode process died reading this shard after {at:,} of its rows ({n} times): "
              "its reader crashes on what follows, or it inflates to more memory than the node "
              "has; the rest of the shard is not read")
-
-# The watchdog looks this often (at most) at the file being decoded.
-WATCH_SECONDS = 1.0
 
 
 class DecodeCrash(Exception):
@@ -251,15 +269,14 @@ class DecodeGuard:
             at = self.read_strikes.setdefault(last["reading"], {})
             at[str(last["at"])] = at.get(str(last["at"]), 0) + 1
         self.record: dict = {}
-        self.decoding: tuple[str, float] | None = None  # (path, since), for the watchdog
+        self.decoding: str | None = None  # the file the watchdog watches
         if self.suspect:
             log.warning("A decode task's process died; decoding %s .. %s one file at a time",
                         *self.suspect)
         elif self.careful_shard:
             log.warning("A decode task's process died reading shard %s; reading it again row "
                         "by row", self.careful_shard)
-        self._stop = threading.Event()
-        threading.Thread(target=self._watch, name="decode-watchdog", daemon=True).start()
+        self.watch = HangWatch(self._hung, name="decode-watchdog")
 
     def block(self, paths) -> None:
         """Before a block of ``paths`` is decoded."""
@@ -281,7 +298,8 @@ class DecodeGuard:
                     return DecodeCrash(DECODE_HUNG.format(limit=self.timeout, n=n))
                 return DecodeCrash(DECODE_DIED.format(n=n))
             self._put({"from": self.suspect[0], "to": self.suspect[1], "row": path})
-        self.decoding = (path, time.monotonic())
+        self.decoding = path
+        self.watch.begin(self.timeout)
         return None
 
     def reading(self, shard: str, rows: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
@@ -306,7 +324,7 @@ class DecodeGuard:
 
     def decoded(self) -> None:
         """The file :meth:`row` let through is decoded (or failed to be)."""
-        self.decoding = None
+        self.watch.end()
 
     def finished(self) -> None:
         """The task decoded its whole slice: a later run of it (Ray rebuilding a lost block)
@@ -318,28 +336,23 @@ class DecodeGuard:
     def close(self) -> None:
         """Stop the watchdog (Ray reuses the process for other tasks); the task's last call,
         whether it finished or not."""
-        self._stop.set()
+        self.watch.close()
 
     def _put(self, record: dict) -> None:
         self.record = {**record, "strikes": self.strikes, "hung": self.hung,
                        "read_strikes": self.read_strikes}
         _put(self.key, self.record)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(min(WATCH_SECONDS, self.timeout / 4)):
-            decoding = self.decoding
-            if decoding is None or time.monotonic() - decoding[1] <= self.timeout:
-                continue
-            path = decoding[0]
-            log.warning("Decoding '%s' has taken over %g s: killing this decode process so "
-                        "that Ray retries its task", path, self.timeout)
-            if path not in self.hung:
-                self.hung.append(path)
-            # Unlike a crash, a hang names its file: record it even in a normal block (whose
-            # range the last record may not hold: it may be a shard's reading).
-            self._put({"from": self.record.get("from", path), "to": self.record.get("to", path),
-                       "row": path})
-            os.kill(os.getpid(), signal.SIGKILL)
+    def _hung(self, limit: float) -> None:
+        path = self.decoding
+        log.warning("Decoding '%s' has taken over %g s: killing this decode process so "
+                    "that Ray retries its task", path, limit)
+        if path not in self.hung:
+            self.hung.append(path)
+        # Unlike a crash, a hang names its file: record it even in a normal block (whose
+        # range the last record may not hold: it may be a shard's reading).
+        self._put({"from": self.record.get("from", path), "to": self.record.get("to", path),
+                   "row": path})
 
 
 def forget_run(run_id: str) -> None:

@@ -98,7 +98,8 @@ class Predictor:
         )
         # Compiled: from here on a device call that never returns is a hang (see
         # crash_guard.HangWatch). Until a call has been timed, the floor is the limit.
-        self.watch = HangWatch(lambda: self.executor.last_result, self._hung) if run_id else None
+        self.watch = HangWatch(self._hung, lambda: self.executor.last_result,
+                               name="infer-watchdog") if run_id else None
         self._starting = False  # what the watch watches: start-up (the device) or a block
         self.limit = infer_timeout or INFER_TIMEOUT_FLOOR
         with self._watching(starting=True):
@@ -221,6 +222,8 @@ class Predictor:
     def _hung(self, limit: float) -> None:
         """The watchdog's last word before it kills this process: a hang while starting (the
         canary batch) is the device's; one in a block may be an image's (see CrashGuard)."""
+        log.error("The device has given no result for %g s: killing this inference process "
+                  "so that Ray replaces it and retries its blocks", limit)
         if self._starting:
             self.guard.device_failed(
                 f"the device gave no result for {limit:g} s running the canary batch at "

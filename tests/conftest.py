@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,26 @@ class CompileCounter:
 
 
 COMPILES = CompileCounter()
+
+
+def finishes(seconds: float, run):
+    """``run()`` in a thread: its result, or what it raised; fails the test if it has not
+    returned after ``seconds`` (for tests whose failure would be a run that waits for ever)."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = run()
+        except BaseException as e:  # noqa: BLE001 - handed to the test, which re-raises it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the run did not finish in {seconds} s: it hangs"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _has_gpu() -> bool:

@@ -14,11 +14,11 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import finishes
 
 import pipeline
 from pipeline.digits import write_samples
@@ -82,29 +82,10 @@ def three_nodes():
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def run_with_deadline(seconds: float, **kwargs) -> pipeline.Summary:
-    """``pipeline.run`` in a thread: a run still going after ``seconds`` fails the test."""
-    outcome: dict = {}
-
-    def go():
-        try:
-            outcome["summary"] = pipeline.run(**kwargs)
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            outcome["error"] = e
-
-    thread = threading.Thread(target=go, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"the run did not finish in {seconds} s: it hangs"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["summary"]
-
-
 def test_three_one_cpu_nodes_complete(three_nodes, tmp_path):
     write_samples(tmp_path / "in", 300, seed=2)
-    summary = run_with_deadline(240, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
-                                progress=False)
+    summary = finishes(240, lambda: pipeline.run(str(tmp_path / "in"), str(tmp_path / "out"),
+                                                 progress=False))
     assert summary.rows_ok == 300 and pq.read_table(tmp_path / "out").num_rows == 300
     assert summary.plan["actors"] == 3 and summary.plan["actor_cpus"] == 0.5
 
@@ -114,8 +95,9 @@ def test_decode_runs_on_the_cpu_nodes_beside_a_gpu_node_with_one_cpu(three_nodes
 
     write_samples(tmp_path / "in", 300, seed=3)
     started = time.time() * 1000
-    summary = run_with_deadline(240, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
-                                gpus_per_actor=1, platform="cpu", progress=False)
+    summary = finishes(240, lambda: pipeline.run(str(tmp_path / "in"), str(tmp_path / "out"),
+                                                 gpus_per_actor=1, platform="cpu",
+                                                 progress=False))
     assert summary.rows_ok == 300
     assert summary.plan["actor_cpus"] == 1.0 and summary.plan["decode_slots"] == 2
     (actor,) = summary.actors

@@ -25,6 +25,7 @@ import poison_decoder
 import poison_model
 import pyarrow.parquet as pq
 import pytest
+from conftest import finishes
 from PIL import Image
 
 import pipeline
@@ -293,11 +294,7 @@ def test_a_shard_that_kills_its_reader_keeps_the_rows_before_the_crash(own_ray, 
 
     cfg = RunConfig(input=str(src), output=str(tmp_path / "out"), input_format="tar",
                     progress=False, rows_per_file=8)
-    run = Injector(lambda: run_config(cfg, Heard()))  # in a thread: the old failure is a hang
-    run.start()
-    run.join(timeout=180)
-    assert not run.is_alive(), "the run hung: Ray retries the crashing read task for ever"
-    summary = run.outcome()
+    summary = finishes(180, lambda: run_config(cfg, Heard()))  # the old failure is a hang
 
     rows = pq.read_table(tmp_path / "out").to_pylist()
     paths = [r["path"] for r in rows]

@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import poison_model
 import pyarrow.parquet as pq
 import pytest
-from conftest import COMPILES, digit_images
+from conftest import COMPILES, digit_images, finishes
 from PIL import Image
 
 import pipeline
@@ -320,26 +319,6 @@ def test_a_device_that_never_recovers_ends_the_run_with_one_clear_failure(
                      batch_size=8, actors=1, progress=False)
     assert not out.exists() or not list(out.glob("part-*"))  # no thousands of error rows
     assert len(list((tmp_path / "breaks").iterdir())) == 3  # three processes, then stop
-
-
-def finishes(seconds: float, run):
-    """``run()`` in a thread: its result, or what it raised; fails the test if it has not
-    returned after ``seconds`` (what these tests guard against is a run that waits for ever)."""
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["value"] = run()
-        except BaseException as e:  # noqa: BLE001 - handed to the test, which re-raises it
-            outcome["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"the run still waits after {seconds} s: it hangs"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def test_a_device_that_hangs_for_good_ends_the_run_with_one_clear_failure(
