@@ -31,7 +31,8 @@ RUN_ERRORS = (DeviceFailure, WriteFailure)
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, metavar="SRC",
-                   help="directory (recursive), single file, glob ('imgs/**/*.png'), or "
+                   help="directory (recursive; hidden names like a Mac's ._IMG_1.jpg are "
+                   "skipped and counted), single file, glob ('imgs/**/*.png'), or "
                    "s3://bucket/prefix")
     p.add_argument("--output", required=True, metavar="DIR",
                    help="directory (or s3:// URI) for part-*.parquet and, beside them, "

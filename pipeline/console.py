@@ -197,16 +197,18 @@ def plan_lines(info: dict[str, Any]) -> list[str]:
 
 def skipped_phrases(skipped: dict[str, int]) -> list[str]:
     """Reason -> count, as phrases: "3 files (not an image extension: 2 .mov, 1 .dng)". A
-    reason "what: detail" (the walk counts left-out files by extension) is grouped by what."""
-    groups: dict[str, list[tuple[str, int]]] = {}
+    reason "what: detail" (the walk counts left-out files by extension) is grouped by what; one
+    that starts with "folder " counts folders ("2 folders (hidden, ...)")."""
+    groups: dict[tuple[str, str], list[tuple[str, int]]] = {}
     for reason, n in skipped.items():
+        unit, reason = ("folder", reason[7:]) if reason.startswith("folder ") else ("file", reason)
         what, _, detail = str(reason).partition(": ")
-        groups.setdefault(what, []).append((detail, int(n)))
+        groups.setdefault((unit, what), []).append((detail, int(n)))
     phrases = []
-    for what, parts in groups.items():
+    for (unit, what), parts in groups.items():
         total = sum(n for _, n in parts)
         details = ", ".join(f"{n:,} {detail}" for detail, n in parts if detail)
-        phrases.append(f"{total:,} file{'s' * (total != 1)} ({what}"
+        phrases.append(f"{total:,} {unit}{'s' * (total != 1)} ({what}"
                        + (f": {details})" if details else ")"))
     return phrases
 

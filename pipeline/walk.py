@@ -1,6 +1,13 @@
 """Walk an input: the files under a local directory (recursive), a single file, a glob, or the
 same on any filesystem pyarrow knows by URI (``s3://bucket/prefix``), in a stable order.
 
+Hidden names below the input (``._IMG_0001.jpg``, the metadata a Mac writes beside each file on
+a share or a USB disk; ``.thumbnails/``, ``.Trash-1000/``, ``.git/``) are left out and counted,
+as ``ls``, Python's ``glob`` and Hugging Face's ``imagefolder`` leave them out: a Mac's ``._``
+file has an image's extension but is not an image, so each would be an error row beside its
+photo. Hidden folders are not walked at all. A file named explicitly, a glob whose pattern
+names the dot, or an input list is read whatever its name.
+
 A local directory is walked one directory at a time (sorted names: the order is the same on
 every run), so memory is the largest directory's, not the tree's. An object-store listing
 comes back whole from pyarrow, so it is held while it is sorted; list tens of millions of
@@ -21,12 +28,19 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
+from pipeline.console import skipped_phrases
 from pipeline.listing import Entry, InputError
 from pipeline.read import filesystem, is_image_name, is_uri
 
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = "*?["
+
+# Skip reasons (``Walk.skipped`` keys, shown in the summary). One that counts folders, not
+# files, starts with "folder " (see :func:`pipeline.console.skipped_phrases`).
+HIDDEN_FILE = "hidden, a name starting with '.'"
+HIDDEN_FOLDER = "folder hidden, a name starting with '.'; not walked"
+UNREADABLE_FOLDER = "folder not readable"
 
 
 @dataclass(frozen=True)
@@ -63,7 +77,7 @@ class Walk:
 
     def __iter__(self) -> Iterator[Entry]:
         if is_uri(self.src):
-            entries, single = _list_uri(self.src)
+            entries, single = _list_uri(self.src, self.skipped)
         else:
             entries, single = _walk_local(self.src.removeprefix("file://"), self.skipped)
         for path, size in entries:
@@ -86,6 +100,12 @@ class Walk:
             self.skipped[f"not {self.a_kind} extension: others"] += rest
         if not self.taken:
             if not self.found:
+                if self.skipped[HIDDEN_FILE] or self.skipped[HIDDEN_FOLDER]:
+                    hidden = skipped_phrases({k: n for k, n in self.skipped.items() if n})
+                    raise InputError(
+                        f"Input '{self.src}' holds no {self.kinds}, only hidden names "
+                        f"({'; '.join(hidden)}). To read them anyway, name them in a file "
+                        "and pass --input-list.")
                 raise InputError(f"Input '{self.src}' holds no {self.kinds} (no files).")
             seen = ", ".join(f"{n} {ext or 'without one'}" for ext, n in self.left.most_common(3))
             raise InputError(
@@ -141,7 +161,7 @@ def _walk_dir(src: str, skipped: Counter) -> Iterator[Entry]:
 
     def unlistable(err: OSError) -> None:
         log.warning("Cannot list directory '%s': %s", err.filename, err.strerror)
-        skipped["directory not readable"] += 1
+        skipped[UNREADABLE_FOLDER] += 1
 
     for root, dirs, files in os.walk(src, onerror=unlistable, followlinks=True):
         # Symlinks are followed, so a link to an ancestor would list the same files again
@@ -157,8 +177,14 @@ def _walk_dir(src: str, skipped: Counter) -> Iterator[Entry]:
             dirs.clear()
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs.sort()
+        shown = sorted(d for d in dirs if not d.startswith("."))
+        if len(shown) < len(dirs):
+            skipped[HIDDEN_FOLDER] += len(dirs) - len(shown)
+        dirs[:] = shown
         for name in sorted(files):
+            if name.startswith("."):
+                skipped[HIDDEN_FILE] += 1
+                continue
             yield _storable(os.path.join(root, name)), None
 
 
@@ -173,7 +199,7 @@ def _storable(path: str) -> str:
         return "file://" + urllib.parse.quote(os.fsencode(os.path.abspath(path)))
 
 
-def _list_uri(src: str) -> tuple[list[Entry], bool]:
+def _list_uri(src: str, skipped: Counter) -> tuple[list[Entry], bool]:
     scheme = src.split("://", 1)[0]
     pattern = src if _has_glob(src) else None
     base = src
@@ -195,4 +221,10 @@ def _list_uri(src: str) -> tuple[list[Entry], bool]:
     )
     if pattern:
         entries = [e for e in entries if fnmatch.fnmatchcase(e[0], pattern)]
+    if not (pattern and "/." in pattern):  # an object store has no folders to leave unwalked
+        below = len(scheme) + 3 + len(root)  # the part of a path under the input
+        shown = [e for e in entries if "/." not in "/" + e[0][below:]]
+        if len(shown) < len(entries):
+            skipped[HIDDEN_FILE] += len(entries) - len(shown)
+        entries = shown
     return entries, False

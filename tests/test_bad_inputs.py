@@ -196,7 +196,7 @@ def build_corpus(root: Path) -> tuple[dict[str, str], set[str], dict[str, int]]:
         (special / "locked_dir").mkdir()
         (special / "locked_dir" / "unseen.png").write_bytes(png)
         (special / "locked_dir").chmod(0)  # cannot be listed: counted, its files unknown
-        skipped["directory not readable"] = 1
+        skipped["folder not readable"] = 1
     raw = os.fsencode(special) + b"/latin1_caf\xe9.png"  # not UTF-8: stored as a file:// URI
     with open(raw, "wb") as f:
         f.write(png)
@@ -248,8 +248,8 @@ def test_bad_input_corpus_through_the_cli(tmp_path):
     assert summary["skipped"] == skipped
     assert ("skipped: 6 files (not an image extension: 2 no extension, 1 .json, 1 .svg, 1 .txt, "
             "1 .zip)") in result.stdout
-    if "directory not readable" in skipped:
-        assert "skipped: 1 file (directory not readable)" in result.stdout
+    if "folder not readable" in skipped:
+        assert "skipped: 1 folder (not readable)" in result.stdout
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("part-")) == [
         "_listing.arrow", "_manifest.json", "_report.html", "_summary.json"]
 

@@ -47,6 +47,32 @@ def test_the_formats_of_a_photo_library_are_taken_and_the_rest_counted_by_extens
         "not an image extension: .json": 1, "not an image extension: others": 2}
 
 
+def test_hidden_names_are_left_out_and_counted_unless_named(tmp_path):
+    """A photo library copied from a Mac holds a ``._`` file beside every photo (an image's
+    extension, not an image), and viewers leave ``.thumbnails/``: none of them is an input."""
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60)
+    for name in ["IMG_1.jpg", "._IMG_1.jpg", ".DS_Store", "trip/IMG_2.png", "trip/._IMG_2.png",
+                 ".thumbnails/large/IMG_1.png", "trip/.git/x.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(apple_double)
+    walk = Walk(str(tmp_path), is_image_name, "an image", "images")
+    assert [p.removeprefix(f"{tmp_path}/") for p, _ in walk] == ["IMG_1.jpg", "trip/IMG_2.png"]
+    assert walk.skipped_or_fail() == {"hidden, a name starting with '.'": 3,
+                                      "folder hidden, a name starting with '.'; not walked": 2}
+    # Named, they are read: a file, and a glob whose pattern names the dot.
+    for src, found in [(tmp_path / "._IMG_1.jpg", ["._IMG_1.jpg"]),
+                       (tmp_path / ".thumbnails/*/*.png", [".thumbnails/large/IMG_1.png"])]:
+        walk = Walk(str(src), is_image_name, "an image", "images")
+        assert [p.removeprefix(f"{tmp_path}/") for p, _ in walk] == found
+
+    (tmp_path / "trip" / "IMG_2.png").unlink()
+    with pytest.raises(InputError, match=r"holds no images, only hidden names \(1 folder \(hidden, .* 1 file "
+                       r"\(hidden.*pass --input-list"):
+        walk = Walk(str(tmp_path / "trip"), is_image_name, "an image", "images")
+        assert list(walk) == []
+        walk.skipped_or_fail()
+
+
 def test_listing_files_of_every_kind_stream_in_their_order(tmp_path):
     paths = [f"s3://bucket/img/{i:04d}.jpg" for i in (3, 1, 2)]
     (tmp_path / "list.txt").write_text("# a comment\n" + "\n".join(paths) + "\n\n")

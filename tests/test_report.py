@@ -26,7 +26,7 @@ FULL = {
     "input": "/data/images", "started_at": "2026-11-26T14:19:44Z",
     "rows_ok": 19990, "rows_error": 10, "rows_resumed": 0,
     "skipped": {"not an image extension: .mov": 2, "not an image extension: .txt": 1,
-                "directory not readable": 1},
+                "folder not readable": 1},
     "seconds": 12.3, "images_per_second": 1625.0, "first_result_seconds": 3.1,
     "stage_seconds": {"decode": 5.1, "transfer_in": 0.2, "compute": 3.0, "transfer_out": 0.1,
                       "write": 0.4},
@@ -137,7 +137,7 @@ def test_text_numbers_are_the_summarys():
     assert "127.0.0.1  ab12cd34  4242  cpu:0   12,000  60.0%" in text
     assert "images per device batch   32" in text
     assert "Skipped (no row): 3 files (not an image extension: 2 .mov, 1 .txt)" in text
-    assert "Skipped (no row): 1 file (directory not readable)" in text
+    assert "Skipped (no row): 1 folder (not readable)" in text
 
 
 def test_page_numbers_are_the_summarys():

@@ -57,6 +57,9 @@ def s3(ray_local, sample_dir):
             f.write(b"this is not a jpeg")
         with fs.open_output_stream(f"{BUCKET}/in/README.txt") as f:
             f.write(b"skipped by extension")
+        for hidden in ("in/3/._broken.jpg", "in/.thumbnails/3/x.png"):  # a Mac's, a viewer's
+            with fs.open_output_stream(f"{BUCKET}/{hidden}") as f:
+                f.write(b"\x00\x05\x16\x07 hidden")
         try:
             yield fs
         finally:
@@ -68,7 +71,8 @@ def test_s3_images_to_s3_parquet(s3, sample_dir):
     out = f"s3://{BUCKET}/out"
     summary = pipeline.run(f"s3://{BUCKET}/in", out, rows_per_file=16)
     assert (summary.rows_ok, summary.rows_error) == (40, 1)
-    assert summary.skipped == {"not an image extension: .txt": 1}
+    assert summary.skipped == {"not an image extension: .txt": 1,
+                               "hidden, a name starting with '.'": 2}
 
     names = {i.base_name for i in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/out"))}
     assert {"_manifest.json", "_summary.json"} <= names
