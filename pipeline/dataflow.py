@@ -27,7 +27,7 @@ from pipeline.listing import ListingFile
 from pipeline.plan import Plan, PlanError
 from pipeline.read import storage_env
 from pipeline.source import Source
-from pipeline.visible import Witnesses
+from pipeline.visible import Witnesses, this_node
 from pipeline.write import OutputDir, part_range
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def check_nodes_see(witnesses: Witnesses, cluster) -> None:
     nothing is local."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id()
+    here = this_node()
     nodes = [n for n in cluster.nodes if (n.cpus or n.gpus) and n.node_id != here]
     if not witnesses.local or not nodes:
         return

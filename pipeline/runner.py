@@ -30,7 +30,7 @@ from pipeline.plan import PlanError
 from pipeline.platforms import DeviceError, pin_to_cpu
 from pipeline.progress import Observer, Progress, Stats, Watch  # noqa: F401 (Progress: API)
 from pipeline.source import Source
-from pipeline.visible import Witnesses
+from pipeline.visible import Witnesses, this_node
 from pipeline.write import (
     SUMMARY,
     OutputDir,
@@ -133,7 +133,7 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
             observer.ray_starting()
             dataflow.ensure_ray(cfg.address, quiet=observer.quiet)
             cluster, plan = _plan(cfg, model, listing, source, flops, summary)
-            witnesses = Witnesses.of(cfg.input, cfg.output, listing)
+            witnesses = Witnesses.of(cfg.input, cfg.output, listing, this_node())
             dataflow.check_nodes_see(witnesses, cluster)
             expected = None if source.sharded else listing.count - summary.rows_resumed
             observer.started({

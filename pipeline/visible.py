@@ -8,8 +8,8 @@ status 0), and a decode task that could not find the listing failed the run with
 Ray's traceback.
 
 :class:`Witnesses` are the local paths that prove a node sees both: the listing the driver
-wrote into the output, and a few inputs the driver has just listed (all of them missing
-means the input is not there; one missing means a file was removed). The driver checks every
+wrote into the output, and a few inputs the driver has just listed and sees itself (all of
+them missing means the input is not there; one missing means a file was removed). The driver checks every
 node before the run starts (:func:`pipeline.dataflow.check_nodes_see`); a node added later
 checks itself when its decode task cannot find the listing or an input, and when its actor
 starts. Either way the run stops with one line naming the node and the fix.
@@ -36,20 +36,24 @@ class Witnesses:
     output: str
     inputs: tuple[str, ...] = ()  # a few listed local inputs
     listing: str | None = None  # the listing file, when the output is local
+    driver_node: str | None = None  # the Ray node of the driver, which sees what it listed
 
     @classmethod
-    def of(cls, input: str, output: str, listing) -> Witnesses:
+    def of(cls, input: str, output: str, listing, driver_node: str | None = None) -> Witnesses:
         """The witnesses of a run's ``--input``, ``--output`` and listing (a
-        :class:`pipeline.listing.ListingFile`, in the output once the run starts)."""
+        :class:`pipeline.listing.ListingFile`, in the output once the run starts), for a
+        driver on Ray node ``driver_node``."""
         count = listing.count
         rows = sorted({0, count // 2, count - 1}) if count else []
         inputs = []
         for i in rows[:SAMPLE]:
             path = listing.read(i, i + 1).column("path")[0].as_py()
-            if not is_uri(path):
+            # Only what the driver sees proves anything: a list's entries are not checked
+            # when it is read (a stale list, or a head node without the data mount).
+            if not is_uri(path) and os.path.exists(_local_path(path)):
                 inputs.append(_local_path(path))
         return cls(input, output, tuple(inputs),
-                   None if is_uri(listing.uri) else _local_path(listing.uri))
+                   None if is_uri(listing.uri) else _local_path(listing.uri), driver_node)
 
     @property
     def local(self) -> bool:
@@ -57,7 +61,10 @@ class Witnesses:
 
     def unseen(self, inputs: bool = True) -> str | None:
         """Why this node cannot work for the run (one line naming it and the fix), or None.
-        ``inputs``: check the inputs too (an actor only writes the output)."""
+        ``inputs``: check the inputs too (an actor only writes the output). The driver's own
+        node sees what the driver saw: inputs missing there were removed after listing."""
+        if self.driver_node and self.driver_node == this_node():
+            return None
         if self.listing and not os.path.exists(self.listing):
             return (f"{where()} does not see the output directory '{self.output}' (the "
                     f"listing the driver wrote there is missing): " + _FIX.format("--output"))
@@ -72,6 +79,16 @@ class Witnesses:
         problem = self.unseen(inputs)
         if problem:
             raise PlanError(problem)
+
+
+def this_node() -> str | None:
+    """The Ray node this process runs on; None outside Ray (or in a Ray Client driver)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # not a Ray node (a Ray Client driver, say)
+        return None
 
 
 _FIX = ("on a cluster, {} must be storage that every node mounts at the same path (NFS, "

@@ -302,6 +302,22 @@ def test_file_vanishing_between_listing_and_reading(ray_local, tmp_path, monkeyp
         assert "no longer exists (removed or renamed after listing)" in rows[str(path)]["error"]
 
 
+def test_a_stale_input_list_on_one_machine_gives_error_rows(ray_local, tmp_path):
+    """A list naming files that are gone (an old export, a list made elsewhere) is not a node
+    that cannot see the input: the driver does not see them either. Each is an error row."""
+    png = encode(the_digit(), "PNG")
+    listed = [tmp_path / f"{i}.png" for i in range(5)]
+    for path in listed[1::2]:  # the first, middle and last are gone: every sample
+        path.write_bytes(png)
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in listed))
+    summary = pipeline.run(str(tmp_path / "list.txt"), str(tmp_path / "out"), input_list=True,
+                           progress=False)
+    assert (summary.rows_ok, summary.rows_error) == (2, 3)
+    rows = {r["path"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    for path in listed[0::2]:
+        assert rows[str(path)]["error_kind"] == "unreadable", rows[str(path)]
+
+
 def test_exif_orientation_is_applied():
     spec = load_model().spec
     stored = np.zeros((32, 64), np.uint8)  # (H, W): left half black, right half white

@@ -11,6 +11,7 @@ later runs for itself (a decode task, an actor) are tested directly.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 from test_job_submit import RAY, _free_port, _stop
 
-from pipeline import dataflow
+from pipeline import dataflow, visible
 from pipeline.digits import write_samples
 from pipeline.infer import Predictor
 from pipeline.listing import ListingFile
@@ -124,7 +125,7 @@ def test_a_node_that_does_not_see_a_local_path_stops_the_run_before_it_starts(
         assert not out.exists() or not list(out.glob("part-*"))  # stopped before any work
 
 
-def test_a_decode_task_that_does_not_see_the_input_says_so(tmp_path):
+def test_a_decode_task_that_does_not_see_the_input_says_so(tmp_path, monkeypatch):
     """A node that joined after the run started checks itself at its first missing input:
     all of the driver's sample gone is an input it does not see; one file gone is a file
     that was removed, and its error row."""
@@ -143,6 +144,26 @@ def test_a_decode_task_that_does_not_see_the_input_says_so(tmp_path):
         Path(path).unlink(missing_ok=True)
     with pytest.raises(PlanError, match=r"does not see the input '.*/in' \(none of the 3 files"):
         list(Source().decode(table, np.arange(6), set(), spec, 10**8, 4, None, witnesses))
+    # On the driver's own node the inputs were there when it listed them: removed since, they
+    # are error rows, whatever was removed.
+    monkeypatch.setattr(visible, "this_node", lambda: "the-driver's-node")
+    on_the_drivers = dataclasses.replace(witnesses, driver_node="the-driver's-node")
+    blocks = list(Source().decode(table, np.arange(6), set(), spec, 10**8, 4, None,
+                                  on_the_drivers))
+    assert all("no longer exists" in e for b in blocks for e in b["error"])
+
+
+def test_only_inputs_the_driver_sees_are_witnesses(tmp_path):
+    """An input list is not checked when it is read: its entries may be stale, or on a mount
+    the head node lacks. What the driver does not see proves nothing about another node."""
+    write_samples(tmp_path / "in", 5, seed=2)
+    paths = sorted(str(p) for p in (tmp_path / "in").rglob("*.*"))
+    for gone in (paths[0], paths[4]):
+        os.remove(gone)
+    listing = ListingFile.write(str(tmp_path / "out"), ((p, None) for p in paths))
+    assert Witnesses.of("list.txt", str(tmp_path / "out"), listing).inputs == (paths[2],)
+    os.remove(paths[2])
+    assert Witnesses.of("list.txt", str(tmp_path / "out"), listing).inputs == ()
 
 
 def test_a_decode_task_or_actor_that_does_not_see_the_output_says_so(tmp_path):
