@@ -124,7 +124,6 @@ def build_corpus(root: Path) -> tuple[dict[str, str], set[str], dict[str, int]]:
         "names/%41%2F escaped.png": png,
         "names/#hash?.png": png,
         "names/-dash.png": png,
-        "names/.hidden.png": png,
         "names/new\nline.png": png,
         "names/UPPER.JPG": jpeg,
         "names/Mixed.PnG": png,
@@ -204,13 +203,20 @@ def build_corpus(root: Path) -> tuple[dict[str, str], set[str], dict[str, int]]:
     digit_paths = {str(root / rel) for rel in digit_files} | {str(special / "link_to_valid.png")}
     digit_paths.add("file://" + urllib.parse.quote(raw))
 
-    others = ["notes.txt", "data.json", "README", ".DS_Store", "names/drawing.svg",
-              "bad/archive.zip"]
+    others = ["notes.txt", "data.json", "README", "names/drawing.svg", "bad/archive.zip"]
     for rel in others:
         (root / rel).write_bytes(b"not an image")
     left_out = {f"not an image extension: {ext}": n
-                for ext, n in (("no extension", 2), (".txt", 1), (".json", 1), (".svg", 1), (".zip", 1))}
-    return expected, digit_paths, {**left_out, **skipped}
+                for ext, n in (("no extension", 1), (".txt", 1), (".json", 1), (".svg", 1), (".zip", 1))}
+    # Hidden names are not inputs: a Mac's "._" file beside a photo (an image's extension,
+    # not an image), a hidden image, a viewer's thumbnail folder (not walked).
+    for rel, data in [(".DS_Store", b"\0\0\0\1Bud1"), ("names/._UPPER.JPG", b"\0\5\26\7Mac OS X"),
+                      ("names/.hidden.png", png), (".thumbnails/large/valid.png", png)]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    hidden = {"hidden, a name starting with '.'": 3,
+              "folder hidden, a name starting with '.'; not walked": 1}
+    return expected, digit_paths, {**left_out, **skipped, **hidden}
 
 
 @pytest.mark.slow
@@ -246,8 +252,10 @@ def test_bad_input_corpus_through_the_cli(tmp_path):
     assert summary["completed"]
     assert (summary["rows_ok"], summary["rows_error"]) == (len(expected) - errors, errors)
     assert summary["skipped"] == skipped
-    assert ("skipped: 6 files (not an image extension: 2 no extension, 1 .json, 1 .svg, 1 .txt, "
+    assert ("skipped: 5 files (not an image extension: 1 no extension, 1 .json, 1 .svg, 1 .txt, "
             "1 .zip)") in result.stdout
+    assert "3 files (hidden, a name starting with '.')" in result.stdout
+    assert "1 folder (hidden, a name starting with '.'; not walked)" in result.stdout
     if "folder not readable" in skipped:
         assert "skipped: 1 folder (not readable)" in result.stdout
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("part-")) == [
