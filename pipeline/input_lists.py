@@ -72,7 +72,8 @@ def listed_paths(src: str, skipped: Counter | None = None) -> Iterator[Entry]:
 def _text_entries(src: str) -> Iterator[Entry]:
     fs, inner = filesystem(src)
     with fs.open_input_stream(inner) as f:  # decompresses by extension
-        rest = b""
+        rest = f.read(3)
+        rest = rest.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark (Windows Notepad's)
         while chunk := f.read(1 << 20):
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()

@@ -108,6 +108,17 @@ def test_compressed_lists_are_read_by_their_extension(tmp_path):
         assert [p for p, _ in listed_paths(str(tmp_path / name))] == paths, name
 
 
+def test_a_list_saved_on_windows_is_read_alike(tmp_path):
+    """Notepad and Excel start a UTF-8 file with a byte-order mark and end lines with CRLF:
+    neither may reach a path."""
+    paths = [f"/img/{i}.png" for i in range(3)]
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(paths).encode() + b"\r\n")
+    (tmp_path / "list.csv").write_bytes(b"\xef\xbb\xbfpath,label\r\n"
+                                        + b"".join(f"{p},1\r\n".encode() for p in paths))
+    for name in ("list.txt", "list.csv"):
+        assert [p for p, _ in listed_paths(str(tmp_path / name))] == paths, name
+
+
 def test_a_bad_manifest_is_one_clear_error(tmp_path):
     (tmp_path / "paths.json").write_text(json.dumps(["/img/1.png"]))
     with pytest.raises(InputError, match="not an S3 Inventory manifest.json"):
