@@ -10,7 +10,10 @@ A shard is a unit of the listing (see :mod:`pipeline.source`) that yields many r
   path: ``<shard>/<member name>``.
 - ``parquet`` (``.parquet``): one row per table row; ``image_column`` holds the encoded image
   (binary, or a struct with a ``bytes`` field as Hugging Face datasets write it) and
-  ``id_column`` a unique id. Row path: ``<file>/<id>``.
+  ``id_column`` a unique id. Row path: ``<file>/<id>``. A Hugging Face struct without
+  bytes but with a ``path`` (a dataset saved without embedding its images: ``to_parquet``
+  of an ``imagefolder``, ``push_to_hub(embed_external_files=False)``) is read from that path
+  (local or URI; a relative one beside the Parquet file).
 
 Same promise as files: anything that cannot be read is an error row, never a crash. A corrupt
 member or table row is that row's error. Where a shard stops being readable (truncated, bad
@@ -32,7 +35,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from pipeline.read import IMAGE_EXTENSIONS
+from pipeline.read import IMAGE_EXTENSIONS, is_uri, load_bytes
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +160,27 @@ def parquet_rows(
             position += 1
 
 
-def _image_values(column) -> list:
+class _Elsewhere(str):
+    """A Hugging Face image struct's ``path``, where it holds no bytes: the image to read."""
 
+
+def _image_values(column) -> list:
+    """A column's encoded images: bytes, None, or, for a Hugging Face struct without bytes,
+    the path it names (:class:`_Elsewhere`)."""
+    paths = None
     if pa.types.is_struct(column.type):  # Hugging Face datasets: {bytes, path}
         if column.type.get_field_index("bytes") < 0:
             raise ShardError(f"image column is a struct without a 'bytes' field ({column.type})")
-        column = column.combine_chunks().field("bytes")
+        column = column.combine_chunks()
+        if column.type.get_field_index("path") >= 0:
+            paths = column.field("path").to_pylist()
+        column = column.field("bytes")
     if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
         raise ShardError(f"image column holds {column.type}, not encoded image bytes (binary)")
-    return column.to_pylist()
+    images = column.to_pylist()
+    if paths:
+        images = [_Elsewhere(p) if b is None and p else b for b, p in zip(images, paths)]
+    return images
 
 
 def _parquet_row(
@@ -181,4 +196,20 @@ def _parquet_row(
     seen[key] = position
     if image is None:
         return f"{shard}/{key}", ShardError(f"'{image_column}' is null")
+    if isinstance(image, _Elsewhere):
+        return f"{shard}/{key}", _read_elsewhere(shard, image, image_column)
     return f"{shard}/{key}", image
+
+
+def _read_elsewhere(shard: str, path: str, image_column: str) -> Payload:
+    if not (is_uri(path) or path.startswith(("/", "file://"))):
+        path = posixpath.join(posixpath.dirname(shard), path)
+    try:
+        return load_bytes(path)
+    except Exception as e:  # that row's error, like an unreadable file
+        why = (f"'{path}' does not exist" if isinstance(e, FileNotFoundError)
+               else f"{type(e).__name__}: {e}")
+        error = ShardError(f"'{image_column}' holds no bytes, only a path, and it cannot be "
+                           f"read: {why}")
+        error.kind = "unreadable"
+        return error

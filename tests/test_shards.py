@@ -217,6 +217,28 @@ def test_parquet_hugging_face_image_struct(sample_dir, tmp_path):
     assert rows == {"s/hf.parquet/7": image}
 
 
+def test_parquet_hugging_face_image_struct_without_bytes_reads_its_path(sample_dir, tmp_path):
+    """A dataset saved without embedding its images (``to_parquet`` of an ``imagefolder``)
+    names each image by path: absolute, or relative to the Parquet file."""
+    images = _samples(sample_dir)[:2]
+    (tmp_path / "beside.png").write_bytes(images[1].read_bytes())
+    hf_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    struct = pa.array([{"bytes": None, "path": str(images[0])},
+                       {"bytes": None, "path": "beside.png"},
+                       {"bytes": None, "path": str(tmp_path / "gone.png")},
+                       {"bytes": None, "path": None}], hf_type)
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "image": struct}), tmp_path / "hf.parquet")
+    rows = _rows(parquet_rows(str(tmp_path / "hf.parquet"),
+                              (tmp_path / "hf.parquet").read_bytes(), "image", "id"))
+    shard = tmp_path / "hf.parquet"
+    assert rows[f"{shard}/1"] == images[0].read_bytes()
+    assert rows[f"{shard}/2"] == images[1].read_bytes()
+    gone = rows[f"{shard}/3"]
+    assert str(gone) == (f"'image' holds no bytes, only a path, and it cannot be read: "
+                         f"'{tmp_path}/gone.png' does not exist") and gone.kind == "unreadable"
+    assert str(rows[f"{shard}/4"]) == "'image' is null"
+
+
 # --- through the pipeline ---------------------------------------------------------------------
 
 
