@@ -81,7 +81,16 @@ def _s3() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
+    retries = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
+    return pafs.S3FileSystem(retry_strategy=retries, **kwargs)
+
+
+# Attempts per S3 request. S3 answers 503 SlowDown while it scales a prefix up to a new
+# request rate (3,500 writes and 5,500 reads a second per prefix): a cluster of decode tasks
+# reading a fresh prefix meets it. pyarrow's default, 3 attempts, gives up within about a
+# second, and each image read that way became an "unreadable" error row. 10 attempts with the
+# SDK's exponential backoff wait out several seconds of it (EMRFS retries 15 times, Iceberg 32).
+S3_ATTEMPTS = 10
 
 
 def load_bytes(path: str, size: int | None = None) -> bytes:

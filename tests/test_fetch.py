@@ -70,7 +70,7 @@ def store():
 @pytest.fixture
 def proxy(store):
     proxy, _ = store
-    proxy.delay = 0.0
+    proxy.delay, proxy.throttle = 0.0, {}
     proxy.reset()
     return proxy
 
@@ -104,6 +104,17 @@ def test_each_bad_object_is_its_own_error_row(store, proxy):
         assert "ACCESS_DENIED" in errors[bad[2]]
         assert errors[bad[3]].startswith("FileNotFoundError: ") and "bad/gone.jpg" in errors[bad[3]]
         assert rows["image"][0].mean() == 0 and rows["image"][2].mean() == 10  # ok[1] is 10s
+
+
+@pytest.mark.slow
+def test_a_throttled_read_is_retried_not_written_off(store, proxy):
+    """S3 answers 503 SlowDown while it scales a prefix up: a read that meets it three times
+    (all of pyarrow's default attempts) used to be an "unreadable" error row."""
+    path = healthy(store)[5]
+    proxy.throttle = {path.removeprefix("s3://"): 3}
+    rows = decode_payloads([path], (b for _, b in fetch_all([path], [store[1][path]])), SPEC)
+    assert list(rows["error"]) == [""] and rows["image"][0].mean() == 50
+    assert proxy.throttle[path.removeprefix("s3://")] == 0  # all three were met
 
 
 @pytest.mark.slow

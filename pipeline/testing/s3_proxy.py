@@ -4,7 +4,9 @@ An object store answers a request in 20-50 ms; moto on loopback in well under on
 hides exactly the cost that concurrent reads are meant to hide. :class:`S3Proxy` forwards
 each request to an upstream S3 server after a fixed delay, and records what it saw: each
 request's method and path, and the most requests it held at once. Keys in ``deny`` are
-answered ``403 AccessDenied`` as S3 would for an object the caller may not read.
+answered ``403 AccessDenied`` as S3 would for an object the caller may not read; a key in
+``throttle`` is answered ``503 SlowDown`` as many times as it says, as S3 answers a prefix
+read faster than it has scaled to.
 
 Tests run it in their own process (:class:`S3Proxy`, :func:`moto_server`). A benchmark runs
 it in a child process so that the server's Python threads do not compete for the GIL with
@@ -34,21 +36,26 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
                "proxy-connection", "proxy-authenticate", "proxy-authorization"}
 _DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
            b"<Message>Access Denied</Message></Error>")
+_SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+              b"<Message>Please reduce your request rate.</Message></Error>")
 
 
 class S3Proxy:
     """Forwards HTTP requests on 127.0.0.1 to ``upstream`` (``http://host:port``), each after
     ``delay`` seconds, or ``delay(method, path)`` seconds if it is a function (the path is
     ``/bucket/key``). ``requests`` is the log of (method, path) seen; ``max_in_flight`` the
-    most requests held at once (delayed or forwarded). Set ``delay`` and ``deny`` any time."""
+    most requests held at once (delayed or forwarded). ``throttle``: "bucket/key" -> how many
+    requests for it to answer 503 SlowDown first. Set ``delay``, ``deny`` and ``throttle``
+    any time."""
 
     def __init__(
         self, upstream: str, delay: float | Callable[[str, str], float] = 0.0,
-        deny: Iterable[str] = (),
+        deny: Iterable[str] = (), throttle: dict[str, int] | None = None,
     ):
         self.upstream = urllib.parse.urlsplit(upstream).netloc
         self.delay = delay
         self.deny = {p.strip("/") for p in deny}  # "bucket/key"
+        self.throttle = dict(throttle or {})
         self.requests: list[tuple[str, str]] = []
         self.max_in_flight = 0
         self._in_flight = 0
@@ -81,6 +88,13 @@ class S3Proxy:
             counts = collections.Counter(m for m, _ in self.requests)
             return {"counts": dict(counts), "max_in_flight": self.max_in_flight,
                     "requests": list(self.requests)}
+
+    def _throttled(self, key: str) -> bool:
+        with self._lock:
+            if self.throttle.get(key, 0) <= 0:
+                return False
+            self.throttle[key] -= 1
+            return True
 
     @contextlib.contextmanager
     def _held(self, method: str, path: str) -> Iterator[None]:
@@ -118,6 +132,8 @@ def _handler(proxy: S3Proxy) -> type[http.server.BaseHTTPRequestHandler]:
                 time.sleep(delay(self.command, path) if callable(delay) else delay)
                 if path.strip("/") in proxy.deny and self.command in ("GET", "HEAD"):
                     return self._reply(403, {"Content-Type": "application/xml"}, _DENIED)
+                if proxy._throttled(path.strip("/")):
+                    return self._reply(503, {"Content-Type": "application/xml"}, _SLOW_DOWN)
                 status, headers, data = self._forward(body)
             self._reply(status, headers, data)
 
