@@ -201,7 +201,8 @@ def skipped_phrases(skipped: dict[str, int]) -> list[str]:
     that starts with "folder " counts folders ("2 folders (hidden, ...)")."""
     groups: dict[tuple[str, str], list[tuple[str, int]]] = {}
     for reason, n in skipped.items():
-        unit, reason = ("folder", reason[7:]) if reason.startswith("folder ") else ("file", reason)
+        unit = "folder" if reason.startswith("folder ") else "file"
+        reason = reason.removeprefix("folder ")
         what, _, detail = str(reason).partition(": ")
         groups.setdefault((unit, what), []).append((detail, int(n)))
     phrases = []

@@ -9,10 +9,11 @@ Ray's traceback.
 
 :class:`Witnesses` are the local paths that prove a node sees both: the listing the driver
 wrote into the output, and a few inputs the driver has just listed and sees itself (all of
-them missing means the input is not there; one missing means a file was removed). The driver checks every
-node before the run starts (:func:`pipeline.dataflow.check_nodes_see`); a node added later
-checks itself when its decode task cannot find the listing or an input, and when its actor
-starts. Either way the run stops with one line naming the node and the fix.
+them missing means the input is not there; one missing means a file was removed); the
+driver's own node is never asked. The driver checks every node before the run starts
+(:func:`pipeline.dataflow.check_nodes_see`); a node added later checks itself when its decode
+task cannot find the listing or an input, and when its actor starts. Either way the run stops
+with one line naming the node and the fix.
 """
 
 from __future__ import annotations

@@ -100,11 +100,12 @@ class Walk:
             self.skipped[f"not {self.a_kind} extension: others"] += rest
         if not self.taken:
             if not self.found:
-                if self.skipped[HIDDEN_FILE] or self.skipped[HIDDEN_FOLDER]:
-                    hidden = skipped_phrases({k: n for k, n in self.skipped.items() if n})
+                hidden = {k: self.skipped[k] for k in (HIDDEN_FOLDER, HIDDEN_FILE)
+                          if self.skipped[k]}
+                if hidden:
                     raise InputError(
                         f"Input '{self.src}' holds no {self.kinds}, only hidden names "
-                        f"({'; '.join(hidden)}). To read them anyway, name them in a file "
+                        f"({'; '.join(skipped_phrases(hidden))}). To read them anyway, name them in a file "
                         "and pass --input-list.")
                 raise InputError(f"Input '{self.src}' holds no {self.kinds} (no files).")
             seen = ", ".join(f"{n} {ext or 'without one'}" for ext, n in self.left.most_common(3))
