@@ -7,10 +7,12 @@ entrypoint (``jobs/batch_infer.py``) reuses :func:`add_run_arguments` so the two
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import logging
 import platform
+import re
 import signal
 import sys
 import tempfile
@@ -124,6 +126,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    try:
+        return _config(args)
+    except ConfigError as e:  # say the flags a command line knows, not RunConfig's fields
+        names = "|".join(f.name for f in dataclasses.fields(RunConfig))
+        raise ConfigError(re.sub(rf"\b({names})\b", lambda m: "--" + m[1].replace("_", "-"),
+                                 str(e))) from None
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         input=args.input, output=args.output, model=args.model, model_fn=args.model_fn,
         batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
