@@ -108,9 +108,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    f"{DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--decode-timeout", type=float, default=RunConfig.decode_timeout,
                    metavar="SECONDS",
-                   help="a file that takes longer to decode is taken to hang its decoder: its "
-                   "decode process is killed and, after a second time, the file is an error "
-                   "row (default: %(default)g; raise it for huge JPEG 2000 or TIFF files)")
+                   help="a file that takes longer to read and decode is taken to hang its "
+                   "decoder or its storage (a stuck mount): its decode process is killed and, "
+                   "after a second time, the file is an error row (default: %(default)g; "
+                   "raise it for huge JPEG 2000 or TIFF files)")
     p.add_argument("--infer-timeout", type=float, default=None, metavar="SECONDS",
                    help="a device call that gives no result for this long is taken to hang "
                    "(a stuck GPU, a model in an endless loop): its actor is killed and Ray "

@@ -227,6 +227,8 @@ DECODE_DIED = ("the decode process died while decoding this file ({n} times): it
                "image decoder, or needs more memory than the node has")
 DECODE_HUNG = ("decoding this file took over {limit:g} s ({n} times; --decode-timeout): the "
                "image decoder hangs on it")
+READ_HUNG = ("reading this file took over {limit:g} s ({n} times; --decode-timeout): its "
+             "storage hangs on it (a stuck network or FUSE mount?)")
 READ_DIED = ("the decode process died reading this shard after {at:,} of its rows ({n} times): "
              "its reader crashes on what follows, or it inflates to more memory than the node "
              "has; the rest of the shard is not read")
@@ -243,17 +245,20 @@ class DecodeGuard:
     retries of the task.
 
     :func:`pipeline.decode.decode_payloads` calls :meth:`block` before each block, and
-    :meth:`row` and :meth:`decoded` around each file; ``key`` names the task (the run and its
-    slice). A watchdog thread kills the process when one file has been decoding for more
-    than ``timeout`` seconds: a hang becomes a death, which the retries then pin on the file.
-    The clock is set and cleared by attribute stores, so it costs nothing per file.
+    :meth:`row`, :meth:`read` and :meth:`decoded` around each file; ``key`` names the task
+    (the run and its slice). A watchdog thread kills the process when one file has been read
+    and decoded for more than ``timeout`` seconds (a read from a stuck mount never returns, as
+    a decoder in a loop does not): a hang becomes a death, which the retries then pin on the
+    file. The clock is set and cleared by attribute stores, so it costs nothing per file; a
+    file that hung twice is not read again (:meth:`deadly`).
     :meth:`reading` does the same for a shard's reader."""
 
     def __init__(self, key: str, timeout: float):
         self.key, self.timeout = key, timeout
         last = _get(key) or {}  # empty: the first attempt (or every earlier one finished)
         self.strikes: dict[str, int] = dict(last.get("strikes", {}))
-        self.hung: list[str] = list(last.get("hung", []))
+        # File -> what hung on it: "reading" or "decoding".
+        self.hung: dict[str, str] = dict(last.get("hung", {}))
         # Shard -> {rows read before a death: deaths there}; JSON keys are strings.
         self.read_strikes: dict[str, dict[str, int]] = {
             shard: dict(at) for shard, at in last.get("read_strikes", {}).items()}
@@ -270,6 +275,7 @@ class DecodeGuard:
             at[str(last["at"])] = at.get(str(last["at"]), 0) + 1
         self.record: dict = {}
         self.decoding: str | None = None  # the file the watchdog watches
+        self.stage = "reading"  # what it is doing with that file
         if self.suspect:
             log.warning("A decode task's process died; decoding %s .. %s one file at a time",
                         *self.suspect)
@@ -295,12 +301,22 @@ class DecodeGuard:
             n = self.strikes.get(path, 0)
             if n >= STRIKES:
                 if path in self.hung:
-                    return DecodeCrash(DECODE_HUNG.format(limit=self.timeout, n=n))
+                    text = READ_HUNG if self.hung[path] == "reading" else DECODE_HUNG
+                    return DecodeCrash(text.format(limit=self.timeout, n=n))
                 return DecodeCrash(DECODE_DIED.format(n=n))
             self._put({"from": self.suspect[0], "to": self.suspect[1], "row": path})
-        self.decoding = path
+        self.decoding, self.stage = path, "reading"
         self.watch.begin(self.timeout)
         return None
+
+    def read(self) -> None:
+        """The file :meth:`row` let through is read; decoding it starts."""
+        self.stage = "decoding"
+
+    def deadly(self) -> set[str]:
+        """The files that killed or hung this task's process twice: not to be read again (a
+        read that hung would hang again), their rows are :meth:`row`'s errors."""
+        return {path for path, n in self.strikes.items() if n >= STRIKES}
 
     def reading(self, shard: str, rows: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
         """``rows``, the (path, payload) pairs that ``shard``'s reader yields, with the reading
@@ -344,11 +360,10 @@ class DecodeGuard:
         _put(self.key, self.record)
 
     def _hung(self, limit: float) -> None:
-        path = self.decoding
-        log.warning("Decoding '%s' has taken over %g s: killing this decode process so "
-                    "that Ray retries its task", path, limit)
-        if path not in self.hung:
-            self.hung.append(path)
+        path, stage = self.decoding, self.stage
+        log.warning("%s '%s' has taken over %g s: killing this decode process so that Ray "
+                    "retries its task", stage.capitalize(), path, limit)
+        self.hung[path] = stage
         # Unlike a crash, a hang names its file: record it even in a normal block (whose
         # range the last record may not hold: it may be a shard's reading).
         self._put({"from": self.record.get("from", path), "to": self.record.get("to", path),

@@ -223,7 +223,8 @@ def decode_payloads(
     error, as a decode failure is). ``payloads`` is aligned with ``paths`` and may be a lazy
     iterator that reads as it goes (:func:`pipeline.read.fetch_all`). ``guard`` (in a Ray
     decode task) is told of each block and file first, so that a file that kills the process
-    is found across the task's retries and becomes an error row.
+    or hangs its read or decode is found across the task's retries and becomes an error row;
+    the payloads of its :meth:`~pipeline.crash_guard.DecodeGuard.deadly` files are not read.
 
     Returns columns ``path``, ``image`` (N, H, W, C) uint8 (zeros on error rows), ``error``
     ("" when ok: Ray Data turns an all-None column into float NaN), ``error_kind`` (see
@@ -242,11 +243,13 @@ def decode_payloads(
         guard.block(paths)
     for i in range(n):
         start = time.perf_counter()
+        crash = guard.row(paths[i]) if guard is not None else None  # reading is watched too
         payload = next(payloads, _END)
         if payload is _END:
             raise ValueError(f"payloads ran out at row {i} of {n}; they must align with paths")
         if guard is not None:
-            payload = guard.row(paths[i]) or payload
+            guard.read()
+        payload = crash or payload
         if isinstance(payload, BaseException):
             errors[i], kinds[i] = error_text(payload), error_kind(payload)
         else:

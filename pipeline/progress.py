@@ -119,8 +119,9 @@ class Watch:
             crashed = json.loads(batch["kinds"][i]).get("decode_crash")
             for path in (crashed or {}).get("examples", []):
                 self.observer.event(
-                    f"decoding {path} killed or hung the decoding process twice: it is an error "
-                    "row (decode_crash), and Ray decoded the other inputs of its task again")
+                    f"reading or decoding {path} killed or hung the decoding process twice: it "
+                    "is an error row (decode_crash), and Ray decoded the other inputs of its "
+                    "task again")
             if bool(batch["isolated"][i]):
                 self.observer.event(
                     f"a block killed an inference process; it was run again one image at a "

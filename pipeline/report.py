@@ -29,9 +29,9 @@ ERROR_KINDS = {
     "corrupt": ("data", "truncated or corrupt image data"),
     "too_large": ("data", "more pixels than --max-pixels"),
     "shard": ("data", "a shard, or part of one, is unreadable, or a row id is bad"),
-    "decode_crash": ("data", ("decoding the file (or reading its shard) killed or hung the "
-                              "process (a decoder bug it triggers, or more memory than the "
-                              "node has)")),
+    "decode_crash": ("data", ("reading or decoding the file (or reading its shard) killed "
+                              "or hung the process (a decoder bug it triggers, more memory "
+                              "than the node has, a stuck mount)")),
     "model_failure": ("system", "the model raised, or returned NaN/Inf, for this image"),
     "model_crash": ("system", "the model's process died, or hung, on this image"),
     "no_result": ("system", "lost by the pipeline (never expected: please report it)"),

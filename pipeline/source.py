@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import absolute_path
-from pipeline.crash_guard import DecodeGuard
+from pipeline.crash_guard import DecodeCrash, DecodeGuard
 from pipeline.decode import decode_payloads, decode_rows
 from pipeline.input_lists import is_list_name, listed_paths
 from pipeline.listing import Entry, InputError, ListingFile
@@ -125,7 +125,8 @@ class Source:
             keep = [i for i, p in enumerate(paths) if p not in done]
             paths, sizes, units = [paths[i] for i in keep], [sizes[i] for i in keep], units[keep]
             # Reads run ahead in threads across blocks; a known size saves a HEAD request.
-            fetched = (missing(payload) for _, payload in fetch_all(paths, sizes))
+            skip = guard.deadly() if guard is not None else set()
+            fetched = (missing(payload) for payload in _fetch(paths, sizes, skip))
             for i in range(0, len(paths), rows_per_block):
                 block = paths[i : i + rows_per_block]
                 out = decode_payloads(block, itertools.islice(fetched, len(block)), spec,
@@ -198,6 +199,15 @@ class _MissingCheck:
             self.checked = True
             self.witnesses.check()
         return payload
+
+
+def _fetch(paths: list[str], sizes: list, skip: AbstractSet[str]) -> Iterator[Payload]:
+    """Each path's bytes (or why not) in order, except that the paths in ``skip`` are not
+    read (a file whose read hung twice would hang a third time): their rows are the guard's."""
+    keep = [i for i, p in enumerate(paths) if p not in skip]
+    reads = fetch_all([paths[i] for i in keep], [sizes[i] for i in keep])
+    for path in paths:
+        yield DecodeCrash("not read") if path in skip else next(reads)[1]
 
 
 def _decode_chunks(

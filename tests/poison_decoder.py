@@ -4,7 +4,8 @@ on bytes that start with :data:`MARK`, as a bug in a native decoder does on the 
 that triggers it, and never return on bytes that start with :data:`HANG`, as a decoder caught
 in a loop. The tar reader gets the same SIGSEGV at a member whose name holds :data:`MARK`, as
 a shard reader does at the part of a shard that crashes it, or the out-of-memory killer at a
-member that inflates to more than the node has (a ``.tar.gz`` bomb)."""
+member that inflates to more than the node has (a ``.tar.gz`` bomb). Reading a local file whose
+name holds :data:`HANG` never returns, as a read from a stuck network or FUSE mount."""
 
 from __future__ import annotations
 
@@ -43,3 +44,15 @@ def install() -> None:
         return member
 
     tarfile.TarFile.next = next_
+
+    from pipeline import read
+
+    real_load = read._load_local
+
+    def load(path: str) -> bytes:
+        if HANG.decode() in os.path.basename(path):
+            while True:
+                time.sleep(60)
+        return real_load(path)
+
+    read._load_local = load

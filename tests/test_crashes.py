@@ -230,16 +230,19 @@ def test_image_that_kills_the_process_becomes_an_error_row(own_ray, tmp_path):
 
 def test_files_that_kill_or_hang_the_decoder_become_error_rows(own_ray, tmp_path):
     """A decode task's process dies (SIGSEGV in the decoder) on one file in the middle of the
-    listing, and its decoder never returns on another. Ray Data retries a dead task for ever
-    (and a hung one never ends); the decode guard's watchdog turns the hang into a death, and
-    the guard finds each file across the retries: each becomes one error row, and every other
-    file one ok row. The user is told so in the tool's words."""
+    listing, its decoder never returns on another, and reading a third never returns (a stuck
+    mount). Ray Data retries a dead task for ever (and a hung one never ends); the decode
+    guard's watchdog turns a hang into a death, and the guard finds each file across the
+    retries: each becomes one error row, and every other file one ok row. The user is told so
+    in the tool's words."""
     src, out = tmp_path / "in", tmp_path / "out"
     write_inputs(src, 150)
     marked = src / "5" / "zz_crash.png"
     marked.write_bytes(poison_decoder.MARK + b" and the rest of a malformed file")
     hangs = src / "8" / "a_hang.jpg"
     hangs.write_bytes(poison_decoder.HANG + b" and more")
+    stuck = src / "2" / f"{poison_decoder.HANG.decode()}.png"  # a good image whose read
+    Image.new("L", (32, 32)).save(stuck)  # never returns, as on a stuck mount
 
     events: list[str] = []
 
@@ -248,11 +251,11 @@ def test_files_that_kill_or_hang_the_decoder_become_error_rows(own_ray, tmp_path
             events.append(message)
 
     cfg = RunConfig(input=str(src), output=str(out), progress=False, decode_timeout=1.5)
-    summary = run_config(cfg, Heard())
+    summary = finishes(180, lambda: run_config(cfg, Heard()))  # the old failure is a hang
 
     rows = check_exactly_once(out, src)
     bad = {r["path"]: r for r in rows if r["status"] == "error"}
-    assert bad.keys() == {str(marked), str(hangs)}
+    assert bad.keys() == {str(marked), str(hangs), str(stuck)}
     assert {r["error_kind"] for r in bad.values()} == {"decode_crash"}
     assert bad[str(marked)]["error"] == (
         "DecodeCrash: the decode process died while decoding this file (2 times): it crashes "
@@ -260,11 +263,14 @@ def test_files_that_kill_or_hang_the_decoder_become_error_rows(own_ray, tmp_path
     assert bad[str(hangs)]["error"] == (
         "DecodeCrash: decoding this file took over 1.5 s (2 times; --decode-timeout): the "
         "image decoder hangs on it")
-    assert (summary.rows_ok, summary.rows_error) == (150, 2)
+    assert bad[str(stuck)]["error"] == (
+        "DecodeCrash: reading this file took over 1.5 s (2 times; --decode-timeout): its "
+        "storage hangs on it (a stuck network or FUSE mount?)")
+    assert (summary.rows_ok, summary.rows_error) == (150, 3)
     assert sorted(events) == sorted(
-        f"decoding {path} killed or hung the decoding process twice: it is an error "
-        "row (decode_crash), and Ray decoded the other inputs of its task again"
-        for path in (marked, hangs))
+        f"reading or decoding {path} killed or hung the decoding process twice: it is an "
+        "error row (decode_crash), and Ray decoded the other inputs of its task again"
+        for path in (marked, hangs, stuck))
 
 
 def test_a_shard_that_kills_its_reader_keeps_the_rows_before_the_crash(own_ray, tmp_path):
@@ -308,9 +314,9 @@ def test_a_shard_that_kills_its_reader_keeps_the_rows_before_the_crash(own_ray, 
     assert sorted(p for p in paths if p.startswith(f"{src}/a.tar/")) == [
         f"{src}/a.tar/{i:03d}{images[i].suffix}" for i in range(30)]
     assert (summary.rows_ok, summary.rows_error) == (70, 1)
-    assert events == [f"decoding {src}/a.tar killed or hung the decoding process twice: it is "
-                      "an error row (decode_crash), and Ray decoded the other inputs of its "
-                      "task again"]
+    assert events == [f"reading or decoding {src}/a.tar killed or hung the decoding process "
+                      "twice: it is an error row (decode_crash), and Ray decoded the other "
+                      "inputs of its task again"]
 
 
 def wait_for_new_calls(calls: Path, after: int, count: int, ended: threading.Event, what: str,
