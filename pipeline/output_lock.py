@@ -16,6 +16,12 @@ refusal comes at once, not after listing a million keys) until it ends.
   before it lists and S3 and GCS lists are strongly consistent, so of two runs that start
   together at least one sees the other: both may be refused, both never go on.
 
+A driver that could not renew its claim for :data:`LAPSE` seconds (suspended with its laptop,
+cut off from the store) may find that another run took its output for a dead run's. Each
+renewal first checks that the claim is still there, and after such a gap that no other run
+claims the output: if not, the run has lost its output and stops (:meth:`OutputLock.lost`,
+which the driver checks after each block), rather than write beside the other run.
+
 Cost: a run beside a live one is refused within about :data:`RENEW` seconds. A rerun after a
 killed driver goes on at once on the driver's machine (the claim names its host and pid, and
 that process is gone), and elsewhere (a resubmitted job's new head pod) waits up to
@@ -58,6 +64,10 @@ class OutputLock:
 
     name: str | None = None  # the file in the output that stands for the lock, if any
 
+    def lost(self) -> str | None:
+        """Why this run no longer holds its output (another run may be writing it), or None."""
+        return None
+
     def release(self) -> None:
         pass
 
@@ -90,10 +100,11 @@ def lock_directory(root: str, uri: str) -> OutputLock:
 
 class Claim(OutputLock):
     """This run's claim on an object-store output, rewritten every ``renew`` seconds by a
-    daemon thread until :meth:`release` deletes it."""
+    daemon thread until :meth:`release` deletes it; lost when another run may have taken it
+    for a dead run's (not renewed for ``lapse`` seconds)."""
 
-    def __init__(self, fs: pafs.FileSystem, root: str, renew: float):
-        self.fs, self.root, self.renew = fs, root.rstrip("/"), renew
+    def __init__(self, fs: pafs.FileSystem, root: str, renew: float, lapse: float = LAPSE):
+        self.fs, self.root, self.renew, self.lapse = fs, root.rstrip("/"), renew, lapse
         self.name = f"{CLAIM_PREFIX}{uuid.uuid4().hex}.json"
         self.path = f"{self.root}/{self.name}"
         self.body = json.dumps({
@@ -102,7 +113,9 @@ class Claim(OutputLock):
             "renewed_every_seconds": renew,
         }).encode()
         self._stop = threading.Event()
+        self._why_lost: str | None = None
         self._write()  # the first write fails loudly: the output cannot be written at all
+        self._renewed = time.time()  # wall time: a suspended machine's monotonic clock stops
         self._thread = threading.Thread(target=self._renew, name="output-claim", daemon=True)
         self._thread.start()
 
@@ -113,10 +126,31 @@ class Claim(OutputLock):
     def _renew(self) -> None:
         while not self._stop.wait(self.renew):
             try:
+                self._why_lost = self._taken()
+                if self._why_lost:
+                    log.error("This run lost its output: %s", self._why_lost)
+                    return  # never write it again: the other run holds the output now
                 self._write()
+                self._renewed = time.time()
             except OSError as e:  # the next try may get through; three misses lose the claim
                 log.warning("Could not renew this run's claim on its output (%s): %s",
                             self.path, " ".join(str(e).split()))
+
+    def _taken(self) -> str | None:
+        """Why another run may hold the output now, or None."""
+        if self.fs.get_file_info(self.path).type == pafs.FileType.NotFound:
+            return (f"its claim {self.name} was deleted, as another run does with a claim "
+                    f"not renewed for {self.lapse:g} s")
+        quiet = time.time() - self._renewed
+        if quiet > self.lapse:
+            others = self.others()
+            if others:
+                return (f"its claim was not renewed for {quiet:.0f} s, and another run has "
+                        f"claimed the output since ({others[0].base_name})")
+        return None
+
+    def lost(self) -> str | None:
+        return self._why_lost
 
     def others(self) -> list[pafs.FileInfo]:
         return [e for e in self.fs.get_file_info(pafs.FileSelector(self.root))
@@ -140,7 +174,7 @@ def claim(fs: pafs.FileSystem, root: str, uri: str) -> OutputLock:
     OutputBusy when another run holds it; waits up to :data:`LAPSE` seconds for a claim that
     may be a dead run's."""
     renew, lapse = RENEW, LAPSE  # read here, so that a test can shorten them
-    mine = Claim(fs, root, renew)
+    mine = Claim(fs, root, renew, lapse)
     try:
         now = fs.get_file_info(mine.path).mtime  # the store's clock
         if now is None:  # a store that keeps no times: claims cannot be aged, so none is held

@@ -102,7 +102,8 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
     source = Source.of(cfg)
     out = OutputDir(cfg.output)
     existed = out.fs.get_file_info(out.root).type.name != "NotFound"
-    with _held(out, cfg, existed):  # one run at a time writes an output, from its listing on
+    # One run at a time writes an output, from its listing on.
+    with _held(out, cfg, existed) as lock:
         listing = source.list(cfg.input, cfg.output)
         try:
             fingerprint = prepare(out, cfg, listing, model, source)
@@ -151,6 +152,7 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
                     records = dataflow.execute(cfg, plan, listing, committed, model.spec, source,
                                                fingerprint, run_id, model.weights, witnesses)
                     for batch in records:
+                        _still_held(lock, cfg)
                         stats.add(batch, tally)
                         watch.records(batch)
                         if summary.first_result_seconds is None:
@@ -209,13 +211,24 @@ def _held(out: OutputDir, cfg: RunConfig, existed: bool):
     lock = out.lock()
     try:
         _check_usable(out, cfg)
-        yield
+        yield lock
     finally:
         try:
             if not existed:  # before the release: no other run can have begun to use it
                 _remove_if_empty(out, lock)
         finally:
             lock.release()
+
+
+def _still_held(lock: OutputLock, cfg: RunConfig) -> None:
+    """Stop the run if another may be writing its output (see :mod:`pipeline.output_lock`)."""
+    why = lock.lost()
+    if why:
+        raise WriteFailure(
+            f"this run no longer holds its output '{cfg.output}': {why}. Was this driver "
+            "suspended, or cut off from the store, for that long? Another run may be writing "
+            "the output, so this one stops. Rows already written are kept: once no other run "
+            "writes there, run again with --resume")
 
 
 def _check_usable(out: OutputDir, cfg: RunConfig) -> None:

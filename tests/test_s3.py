@@ -243,6 +243,58 @@ def test_the_claim_of_a_dead_process_on_this_machine_is_removed_at_once(s3, quic
         lock.release()
 
 
+def test_a_run_whose_claim_was_taken_stops_instead_of_writing_beside_another(s3, quick_claims):
+    """A driver that could not renew its claim for LAPSE seconds (a laptop suspended, a store
+    cut off) may find another run took the output for a dead run's: it stops (exit 1), instead
+    of writing rows beside the other run's."""
+    import threading
+
+    from pipeline.write import OutputDir, WriteFailure
+
+    lock = OutputDir(f"s3://{BUCKET}/taken").lock()
+    try:  # missed renewals, then another run's claim: lost
+        lock._renewed -= 10  # as if this machine had slept for 10 s
+        with s3.open_output_stream(f"{BUCKET}/taken/_run-another.json") as f:
+            f.write(b'{"host": "another", "pid": 1}')
+        _until(lambda: lock.lost(), "the claim is lost")
+        assert lock.lost().startswith("its claim was not renewed for 1")
+        assert lock.lost().endswith("another run has claimed the output since "
+                                    "(_run-another.json)")
+    finally:
+        lock.release()
+
+    # A run whose claim another run deleted stops at its next block (its first: starting an
+    # actor alone takes longer than a renewal).
+    out = f"s3://{BUCKET}/taken-mid-run"
+    deleted = threading.Event()
+
+    def take_it() -> None:
+        def mine():
+            try:
+                return claims(s3, "taken-mid-run")
+            except FileNotFoundError:  # not yet made
+                return []
+        _until(mine, "the run's claim")
+        s3.delete_file(f"{BUCKET}/taken-mid-run/{mine()[0]}")  # as a run that took it for dead
+        deleted.set()
+
+    thief = threading.Thread(target=take_it, daemon=True)
+    thief.start()
+    with pytest.raises(WriteFailure, match=(
+            rf"this run no longer holds its output '{out}': its claim _run-\w+\.json was deleted, "
+            r"as another run does with a claim not renewed for 3 s\. Was this driver suspended")):
+        pipeline.run(f"s3://{BUCKET}/in", out, progress=False)
+    assert deleted.is_set()
+    assert claims(s3, "taken-mid-run") == []  # never written again
+
+
+def _until(condition, what: str, seconds: float = 20.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {seconds} s"
+        time.sleep(0.05)
+
+
 def test_two_runs_starting_together_never_both_hold_an_s3_output(s3, quick_claims):
     """Each writes its claim, then watches the other's being renewed: one or both are
     refused, never neither."""
