@@ -292,18 +292,20 @@ class DecodeGuard:
             self._put({"from": paths[0], "to": paths[-1], "row": None})
 
     def row(self, path: str) -> DecodeCrash | None:
-        """Before ``path`` is decoded: the error to record instead, for a file that has
-        killed the process twice; None to decode it."""
+        """Before ``path`` is read and decoded: the error to record instead, for a file that
+        has killed the process twice (in this retry's suspect range or, the task having
+        started over after a later death, before it); None to read and decode it."""
         if self.suspect and path == self.suspect[0]:
             self.careful = True
         if self.careful:
             self.passed = self.passed or path == self.suspect[1]
-            n = self.strikes.get(path, 0)
-            if n >= STRIKES:
-                if path in self.hung:
-                    text = READ_HUNG if self.hung[path] == "reading" else DECODE_HUNG
-                    return DecodeCrash(text.format(limit=self.timeout, n=n))
-                return DecodeCrash(DECODE_DIED.format(n=n))
+        n = self.strikes.get(path, 0)
+        if n >= STRIKES:
+            if path in self.hung:
+                text = READ_HUNG if self.hung[path] == "reading" else DECODE_HUNG
+                return DecodeCrash(text.format(limit=self.timeout, n=n))
+            return DecodeCrash(DECODE_DIED.format(n=n))
+        if self.careful:
             self._put({"from": self.suspect[0], "to": self.suspect[1], "row": path})
         self.decoding, self.stage = path, "reading"
         self.watch.begin(self.timeout)

@@ -19,10 +19,13 @@ import tarfile
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
+import numpy as np
 import poison_decoder
 import poison_model
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import finishes
@@ -31,6 +34,7 @@ from PIL import Image
 import pipeline
 from pipeline.config import RunConfig
 from pipeline.digits import write_samples
+from pipeline.model import load_model
 from pipeline.progress import Observer
 from pipeline.runner import run_config
 
@@ -273,6 +277,38 @@ def test_files_that_kill_or_hang_the_decoder_become_error_rows(own_ray, tmp_path
         for path in (marked, hangs, stuck))
 
 
+def test_a_file_that_hung_twice_is_not_read_again_when_its_task_starts_over(own_ray, tmp_path):
+    """A decode task's retry starts its slice over: after a later death, the files before
+    that death's range are decoded again without care. A file that already hung its read
+    twice must not be read a third time there (it would hang again): its row is the guard's."""
+    import itertools
+
+    from pipeline.crash_guard import DECODE_HUNG, READ_HUNG, DecodeGuard, _put
+    from pipeline.source import Source
+
+    write_inputs(tmp_path, 8)
+    paths = sorted(str(p) for p in tmp_path.rglob("*.*"))
+    stuck, looped = paths[1], paths[2]
+    os.remove(stuck)  # were it read, its row would say it is gone
+    key = f"test-{uuid.uuid4().hex}/decode/0"
+    # The record of a task whose reading of one file hung twice, then decoding another, and
+    # which has since died in its second block (rows 4..7).
+    _put(key, {"from": paths[4], "to": paths[7], "row": None,
+               "strikes": {stuck: 2, looped: 2}, "hung": {stuck: "reading", looped: "decoding"}})
+    guard = DecodeGuard(key, timeout=60)
+    try:
+        listing = pa.table({"path": paths, "size": pa.array([None] * 8, pa.int64())})
+        blocks = list(Source().decode(listing, np.arange(8), set(), load_model().spec,
+                                      10**8, 4, guard))
+    finally:
+        guard.close()
+    errors = dict(zip(itertools.chain(*(b["path"] for b in blocks)),
+                      itertools.chain(*(b["error"] for b in blocks))))
+    assert errors.pop(stuck) == "DecodeCrash: " + READ_HUNG.format(limit=60, n=2)
+    assert errors.pop(looped) == "DecodeCrash: " + DECODE_HUNG.format(limit=60, n=2)
+    assert set(errors.values()) == {""}
+
+
 def test_a_shard_that_kills_its_reader_keeps_the_rows_before_the_crash(own_ray, tmp_path):
     """The tar reader dies (SIGSEGV) at one member of a shard, as a reader does on the part of
     a shard that crashes it or the out-of-memory killer on a member that inflates too far.
@@ -314,9 +350,9 @@ def test_a_shard_that_kills_its_reader_keeps_the_rows_before_the_crash(own_ray, 
     assert sorted(p for p in paths if p.startswith(f"{src}/a.tar/")) == [
         f"{src}/a.tar/{i:03d}{images[i].suffix}" for i in range(30)]
     assert (summary.rows_ok, summary.rows_error) == (70, 1)
-    assert events == [f"reading or decoding {src}/a.tar killed or hung the decoding process "
-                      "twice: it is an error row (decode_crash), and Ray decoded the other "
-                      "inputs of its task again"]
+    assert events == [(f"reading or decoding {src}/a.tar killed or hung the decoding process "
+                       "twice: it is an error row (decode_crash), and Ray decoded the other "
+                       "inputs of its task again")]
 
 
 def wait_for_new_calls(calls: Path, after: int, count: int, ended: threading.Event, what: str,
