@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.config import INPUT_FORMATS, PLATFORMS, ConfigError, RunConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.crash_guard import StorageHung
 from pipeline.device import DeviceFailure
 from pipeline.listing import InputError
 from pipeline.model import ModelError
@@ -28,7 +29,7 @@ from pipeline.platforms import DeviceError
 from pipeline.write import OutputError, WriteFailure
 
 USER_ERRORS = (ConfigError, InputError, OutputError, ModelError, PlanError, DeviceError)
-RUN_ERRORS = (DeviceFailure, WriteFailure)
+RUN_ERRORS = (DeviceFailure, StorageHung, WriteFailure)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:

@@ -240,6 +240,17 @@ class DecodeCrash(Exception):
     kind = "decode_crash"
 
 
+class StorageHung(RuntimeError):
+    """Reads hung on several files of one decode task: the input's storage is not answering
+    (a dead mount), not the files bad. The run stops rather than write off every file."""
+
+
+# Files whose read hung in one decode task before the run stops: one may be a file its
+# storage cannot serve (an error row); a second, in the same slice, is the storage itself.
+# With a dead mount that is three kills, 15 minutes at the default --decode-timeout.
+READ_HANGS_TO_STOP = 2
+
+
 class DecodeGuard:
     """Finds the files that kill a decode task's process, or hang its decoder, across Ray's
     retries of the task.
@@ -259,6 +270,13 @@ class DecodeGuard:
         self.strikes: dict[str, int] = dict(last.get("strikes", {}))
         # File -> what hung on it: "reading" or "decoding".
         self.hung: dict[str, str] = dict(last.get("hung", {}))
+        stuck = [path for path, stage in self.hung.items() if stage == "reading"]
+        if len(stuck) >= READ_HANGS_TO_STOP:
+            raise StorageHung(
+                f"reading {len(stuck)} input files hung for over {timeout:g} s each "
+                f"(--decode-timeout) in one decode task ({', '.join(stuck)}): their storage "
+                "is not answering (a stuck NFS or FUSE mount?), so the run stops. Rows already "
+                "written are kept: once it answers, run again with --resume")
         # Shard -> {rows read before a death: deaths there}; JSON keys are strings.
         self.read_strikes: dict[str, dict[str, int]] = {
             shard: dict(at) for shard, at in last.get("read_strikes", {}).items()}

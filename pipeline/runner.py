@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import RunConfig
+from pipeline.crash_guard import StorageHung
 from pipeline.device import DeviceFailure
 from pipeline.infer import empty_outputs, result_columns
 from pipeline.listing import ListingFile
@@ -280,7 +281,8 @@ def _write_missing(out: OutputDir, cfg: RunConfig, model: Model, fingerprint: st
 # the text of a worker's traceback (an actor's failed __init__ keeps no exception object),
 # which names each by the module that defines it.
 _OURS = {f"{c.__module__}.{c.__qualname__}": c
-         for c in (DeviceError, DeviceFailure, ModelError, PlanError, WriteFailure)}
+         for c in (DeviceError, DeviceFailure, ModelError, PlanError, StorageHung,
+                   WriteFailure)}
 
 
 def our_error(e: BaseException) -> Exception | None:

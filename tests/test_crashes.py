@@ -309,6 +309,34 @@ def test_a_file_that_hung_twice_is_not_read_again_when_its_task_starts_over(own_
     assert set(errors.values()) == {""}
 
 
+def test_reads_that_hang_on_two_files_of_a_task_stop_the_run(own_ray):
+    """One file whose read hangs is that file's error row; reads hanging on a second file of
+    the same slice are its storage not answering (a dead mount): the next retry stops the
+    run with one line, instead of writing off every file after 10 minutes each."""
+    from pipeline.crash_guard import DecodeGuard, StorageHung, _put
+    from pipeline.runner import our_error
+
+    key = f"test-{uuid.uuid4().hex}/decode/0"
+    _put(key, {"from": "/nfs/a.jpg", "to": "/nfs/z.jpg", "row": "/nfs/b.jpg",
+               "strikes": {"/nfs/a.jpg": 2, "/nfs/b.jpg": 0},
+               "hung": {"/nfs/a.jpg": "reading", "/nfs/x.jpg": "decoding"}})
+    DecodeGuard(key, timeout=300).close()  # one stuck read (and a hung decoder): go on
+    _put(key, {"from": "/nfs/a.jpg", "to": "/nfs/z.jpg", "row": "/nfs/b.jpg",
+               "strikes": {"/nfs/a.jpg": 2}, "hung": {"/nfs/a.jpg": "reading",
+                                                      "/nfs/b.jpg": "reading"}})
+    with pytest.raises(StorageHung) as stopped:
+        DecodeGuard(key, timeout=300)
+    line = ("reading 2 input files hung for over 300 s each (--decode-timeout) in one decode "
+            "task (/nfs/a.jpg, /nfs/b.jpg): their storage is not answering (a stuck NFS or FUSE "
+            "mount?), so the run stops. Rows already written are kept: once it answers, run "
+            "again with --resume")
+    assert str(stopped.value) == line
+    # Raised in a Ray task, it reaches the user as that one line (exit 1 from the CLI).
+    rebuilt = our_error(RuntimeError(f"ray.exceptions.RayTaskError(StorageHung): Traceback ...\n"
+                                     f"pipeline.crash_guard.StorageHung: {line}"))
+    assert isinstance(rebuilt, StorageHung) and str(rebuilt) == line
+
+
 def test_a_shard_that_kills_its_reader_keeps_the_rows_before_the_crash(own_ray, tmp_path):
     """The tar reader dies (SIGSEGV) at one member of a shard, as a reader does on the part of
     a shard that crashes it or the out-of-memory killer on a member that inflates too far.
