@@ -135,15 +135,21 @@ class Source:
                 yield out
             return
         for shard, size, unit in zip(paths, sizes, units):
-            rows = self._expand(shard, size, missing)
+            rows = self._expand(shard, size, missing, guard)
             if guard is not None:  # a shard whose reading kills the process: see crash_guard
                 rows = guard.reading(shard, rows)
             for out in _decode_chunks(rows, done, spec, max_pixels, rows_per_block, guard):
                 out["_unit"] = np.full(len(out["path"]), unit, np.int64)
                 yield out
 
-    def _expand(self, shard: str, size: int | None,
-                missing: _MissingCheck | None = None) -> Iterator[tuple[str, Payload]]:
+    def _expand(self, shard: str, size: int | None, missing: _MissingCheck | None = None,
+                guard: DecodeGuard | None = None) -> Iterator[tuple[str, Payload]]:
+        # The shard is read whole under the guard's watch, as a file is: a read that never
+        # returns (a stuck mount) kills the process, and a second time makes the shard one row.
+        crash = guard.row(shard) if guard is not None else None
+        if crash is not None:
+            yield shard, crash
+            return
         try:
             data = load_bytes(shard, size)
         except Exception as e:  # an unreadable shard is one error row, like an unreadable file
@@ -151,6 +157,9 @@ class Source:
                 missing(e)
             yield shard, ShardError(f"shard unreadable: {type(e).__name__}: {e}")
             return
+        finally:
+            if guard is not None:
+                guard.decoded()  # the read is over: stop its clock
         rows = tar_rows(shard, data) if self.format == "tar" else parquet_rows(
             shard, data, self.image_column, self.id_column)
         count = 0

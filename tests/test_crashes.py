@@ -342,7 +342,8 @@ def test_a_shard_that_kills_its_reader_keeps_the_rows_before_the_crash(own_ray, 
     a shard that crashes it or the out-of-memory killer on a member that inflates too far.
     Ray Data retries a dead read task for ever, so the run hung. Now the guard finds where in
     the shard the process dies: the rows before that point are predicted, one error row (path:
-    the shard) stands for the rest, and the other shard is untouched."""
+    the shard) stands for the rest, and the other shard is untouched. A third shard's read
+    never returns (a stuck mount): it is one error row, and the run ends."""
     write_inputs(tmp_path / "images", 40)
     images = sorted((tmp_path / "images").rglob("*.*"))
     src = tmp_path / "shards"
@@ -356,6 +357,8 @@ def test_a_shard_that_kills_its_reader_keeps_the_rows_before_the_crash(own_ray, 
                 info.size = image.stat().st_size
                 tar.addfile(info, io.BytesIO(image.read_bytes()))
         (src / name).write_bytes(buf.getvalue())
+    stuck = src / f"{poison_decoder.HANG.decode()}.tar"  # a good shard whose read never returns
+    stuck.write_bytes((src / "b.tar").read_bytes())
     events: list[str] = []
 
     class Heard(Observer):
@@ -363,24 +366,29 @@ def test_a_shard_that_kills_its_reader_keeps_the_rows_before_the_crash(own_ray, 
             events.append(message)
 
     cfg = RunConfig(input=str(src), output=str(tmp_path / "out"), input_format="tar",
-                    progress=False, rows_per_file=8)
+                    progress=False, rows_per_file=8, decode_timeout=1.5)
     summary = finishes(180, lambda: run_config(cfg, Heard()))  # the old failure is a hang
 
     rows = pq.read_table(tmp_path / "out").to_pylist()
     paths = [r["path"] for r in rows]
-    assert len(paths) == len(set(paths)) == 30 + 1 + 40
-    bad = [r for r in rows if r["status"] == "error"]
-    assert [(r["path"], r["error_kind"]) for r in bad] == [(f"{src}/a.tar", "decode_crash")]
+    assert len(paths) == len(set(paths)) == 30 + 1 + 40 + 1
+    bad = sorted((r for r in rows if r["status"] == "error"), key=lambda r: r["path"])
+    assert [(r["path"], r["error_kind"]) for r in bad] == [
+        (str(stuck), "decode_crash"), (f"{src}/a.tar", "decode_crash")]
+    assert bad.pop(0)["error"] == (
+        "DecodeCrash: reading this file took over 1.5 s (2 times; --decode-timeout): its "
+        "storage hangs on it (a stuck network or FUSE mount?)")
     assert bad[0]["error"] == (
         "DecodeCrash: the decode process died reading this shard after 30 of its rows (2 "
         "times): its reader crashes on what follows, or it inflates to more memory than the "
         "node has; the rest of the shard is not read")
     assert sorted(p for p in paths if p.startswith(f"{src}/a.tar/")) == [
         f"{src}/a.tar/{i:03d}{images[i].suffix}" for i in range(30)]
-    assert (summary.rows_ok, summary.rows_error) == (70, 1)
-    assert events == [(f"reading or decoding {src}/a.tar killed or hung the decoding process "
-                       "twice: it is an error row (decode_crash), and Ray decoded the other "
-                       "inputs of its task again")]
+    assert (summary.rows_ok, summary.rows_error) == (70, 2)
+    assert sorted(events) == sorted(
+        f"reading or decoding {shard} killed or hung the decoding process twice: it is an "
+        "error row (decode_crash), and Ray decoded the other inputs of its task again"
+        for shard in (f"{src}/a.tar", stuck))
 
 
 def wait_for_new_calls(calls: Path, after: int, count: int, ended: threading.Event, what: str,
