@@ -253,11 +253,15 @@ def test_a_run_whose_claim_was_taken_stops_instead_of_writing_beside_another(s3,
 
     lock = OutputDir(f"s3://{BUCKET}/taken").lock()
     try:  # missed renewals, then another run's claim: lost
-        lock._renewed -= 10  # as if this machine had slept for 10 s
         with s3.open_output_stream(f"{BUCKET}/taken/_run-another.json") as f:
             f.write(b'{"host": "another", "pid": 1}')
-        _until(lambda: lock.lost(), "the claim is lost")
-        assert lock.lost().startswith("its claim was not renewed for 1")
+
+        def slept() -> str | None:
+            lock._renewed = time.time() - 10  # as if this machine had slept for 10 s
+            return lock.lost()
+
+        _until(slept, "the claim is lost")
+        assert lock.lost().startswith("its claim was not renewed for 10 s")
         assert lock.lost().endswith("another run has claimed the output since "
                                     "(_run-another.json)")
     finally:
