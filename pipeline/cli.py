@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 from pipeline.config import INPUT_FORMATS, PLATFORMS, ConfigError, RunConfig
-from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.crash_guard import StorageHung
+from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.device import DeviceFailure
 from pipeline.listing import InputError
 from pipeline.model import ModelError
