@@ -24,10 +24,11 @@ from pipeline.config import RunConfig
 from pipeline.crash_guard import DecodeGuard
 from pipeline.infer import Predictor
 from pipeline.listing import ListingFile
+from pipeline.machine import this_node
 from pipeline.plan import Plan, PlanError
 from pipeline.read import storage_env
 from pipeline.source import Source
-from pipeline.visible import Witnesses, this_node
+from pipeline.visible import Witnesses
 from pipeline.write import OutputDir, part_range
 
 log = logging.getLogger(__name__)

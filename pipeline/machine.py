@@ -23,6 +23,16 @@ def identity(namespace: str) -> str:
     return f"{socket.gethostname()}/{boot}/{space}"
 
 
+def this_node() -> str | None:
+    """The Ray node this process runs on; None outside Ray (or in a Ray Client driver)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # not a Ray node (a Ray Client driver, say)
+        return None
+
+
 def where() -> str:
     """This node, for messages: its address and host name ("node IP (HOST)" in a Ray
     worker or driver, "host HOST" outside Ray)."""

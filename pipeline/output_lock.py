@@ -103,7 +103,7 @@ class Claim(OutputLock):
     daemon thread until :meth:`release` deletes it; lost when another run may have taken it
     for a dead run's (not renewed for ``lapse`` seconds)."""
 
-    def __init__(self, fs: pafs.FileSystem, root: str, renew: float, lapse: float = LAPSE):
+    def __init__(self, fs: pafs.FileSystem, root: str, renew: float, lapse: float):
         self.fs, self.root, self.renew, self.lapse = fs, root.rstrip("/"), renew, lapse
         self.name = f"{CLAIM_PREFIX}{uuid.uuid4().hex}.json"
         self.path = f"{self.root}/{self.name}"

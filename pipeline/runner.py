@@ -25,13 +25,14 @@ from pipeline.crash_guard import StorageHung
 from pipeline.device import DeviceFailure
 from pipeline.infer import empty_outputs, result_columns
 from pipeline.listing import ListingFile
+from pipeline.machine import this_node
 from pipeline.manifest import prepare
 from pipeline.model import Model, ModelError, check_model, load_model
 from pipeline.plan import PlanError
 from pipeline.platforms import DeviceError, pin_to_cpu
 from pipeline.progress import Observer, Progress, Stats, Watch  # noqa: F401 (Progress: API)
 from pipeline.source import Source
-from pipeline.visible import Witnesses, this_node
+from pipeline.visible import Witnesses
 from pipeline.write import (
     SUMMARY,
     OutputDir,

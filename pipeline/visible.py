@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pipeline.machine import where
+from pipeline.machine import this_node, where
 from pipeline.plan import PlanError
 from pipeline.read import _local_path, is_uri
 
@@ -49,10 +49,12 @@ class Witnesses:
         inputs = []
         for i in rows[:SAMPLE]:
             path = listing.read(i, i + 1).column("path")[0].as_py()
+            if is_uri(path):
+                continue
             # Only what the driver sees proves anything: a list's entries are not checked
             # when it is read (a stale list, or a head node without the data mount).
-            if not is_uri(path) and os.path.exists(_local_path(path)):
-                inputs.append(_local_path(path))
+            if os.path.exists(local := _local_path(path)):
+                inputs.append(local)
         return cls(input, output, tuple(inputs),
                    None if is_uri(listing.uri) else _local_path(listing.uri), driver_node)
 
@@ -80,16 +82,6 @@ class Witnesses:
         problem = self.unseen(inputs)
         if problem:
             raise PlanError(problem)
-
-
-def this_node() -> str | None:
-    """The Ray node this process runs on; None outside Ray (or in a Ray Client driver)."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except Exception:  # not a Ray node (a Ray Client driver, say)
-        return None
 
 
 _FIX = ("on a cluster, {} must be storage that every node mounts at the same path (NFS, "
