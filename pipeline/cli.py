@@ -216,7 +216,7 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     from pipeline.bench.gpu_check import format_check, gpu_check
 
     result = gpu_check(quick=args.quick, work=args.work, model_fn=args.model_fn,
-                       model=args.model, photos=args.photos)
+                       model=args.model, photos=args.photos, run_tests=not args.skip_tests)
     print(format_check(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model factory (default: the bundled digits CNN)")
     p.add_argument("--model", metavar="PATH", help="checkpoint for the model factory")
     p.add_argument("--work", help="directory for images and outputs (default: temp)")
+    p.add_argument("--skip-tests", action="store_true",
+                   help="leave out 'pytest -m gpu' (they test the node, not the model: when "
+                   "checking a second model on a node already checked)")
     p.set_defaults(func=cmd_gpu_check)
 
     p = sub.add_parser("report", help="print the run report of an output directory",

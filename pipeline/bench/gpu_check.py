@@ -54,7 +54,7 @@ def gpu_check(*, quick: bool = False, work: str | None = None, model_fn: str | N
     inputs = result.pop("_inputs")
     result = {"gpu": result["devices"]["gpu"], "quick": quick, "sizes": sizes,
               "nvidia_smi": nvidia_smi(), **result}
-    result["pytest"] = gpu_tests() if run_tests else {"ran": False, "reason": "not asked"}
+    result["pytest"] = gpu_tests() if run_tests else {"ran": False, "reason": "left out (--skip-tests)"}
     result.update(section(setup, "pipeline.bench.model_cost:device_section",
                           setup=setup.to_json(), inputs=inputs, count=sizes["model_images"],
                           repeats=sizes["repeats"], seed_images=sizes["seed_images"],
