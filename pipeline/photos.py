@@ -57,19 +57,20 @@ def photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
 
 def write_photos(
     directory: str | Path, count: int, size: tuple[int, int] = (480, 360), quality: int = 85,
-    seed: int = 0, *, rotated: float = 0.0, png: float = 0.0,
+    seed: int = 0, *, rotated: float = 0.0, png: float = 0.0, start: int = 0,
 ) -> list[Path]:
     """Write ``count`` photo-like images of ``size`` (width, height) to ``directory``.
 
     JPEGs at ``quality``; a fraction ``png`` are PNGs instead and a fraction ``rotated`` of the
     JPEGs carry an EXIF orientation (2..8) with their pixels stored so that applying it gives
     the upright photo (named ``photo_NNNNN_oK.jpg``). Deterministic for a seed; image ``i``
-    depends only on ``(seed, i)``. Returns the paths written, in order.
+    depends only on ``(seed, i)``, so images ``start .. start + count - 1`` written apart (in
+    parallel) are those one call writes. Returns the paths written, in order.
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     written = []
-    for i in range(count):
+    for i in range(start, start + count):
         rng = np.random.default_rng((seed, i))
         img = photo(rng, *size)
         kind = rng.random()

@@ -365,6 +365,23 @@ def test_photos_are_deterministic_photo_sized_jpegs(tmp_path):
         assert (img.format, img.size, img.mode) == ("JPEG", (480, 360), "RGB")
 
 
+def test_photos_written_in_slices_are_the_photos_one_call_writes(tmp_path, monkeypatch):
+    """The bench writes its photos in slices on all cores: the same files as one call."""
+    from pipeline.bench import workload
+
+    whole = write_photos(tmp_path / "whole", 7, size=(48, 32), seed=0)
+    parts = (write_photos(tmp_path / "parts", 3, size=(48, 32), seed=0)
+             + write_photos(tmp_path / "parts", 4, size=(48, 32), seed=0, start=3))
+    assert [p.name for p in parts] == [p.name for p in whole]
+    assert [p.read_bytes() for p in parts] == [p.read_bytes() for p in whole]
+    monkeypatch.setattr(workload, "cores", lambda: 2)
+    workload._write_photos(tmp_path / "pool", 1003, (16, 12))  # 3 slices in 2 processes
+    pooled = sorted((tmp_path / "pool").iterdir())
+    assert len(pooled) == 1003 and pooled[-1].name == "photo_01002.jpg"
+    assert pooled[1000].read_bytes() == write_photos(tmp_path / "one", 1, (16, 12),
+                                                     start=1000)[0].read_bytes()
+
+
 def test_photos_rotated_and_png(tmp_path):
     paths = write_photos(tmp_path, 24, size=(96, 64), seed=5, rotated=0.5, png=0.25)
     pngs = [p for p in paths if p.suffix == ".png"]
