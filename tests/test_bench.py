@@ -209,6 +209,12 @@ def test_sweep_compiles_each_device_batch_once_and_precision_agrees():
     assert COMPILES.count - before == 3, "a call compiled again"
     assert swept["images"] == 256 and swept["saturates_at"] in (32, 64)
     assert all(r["images_per_second"] > 0 for r in swept["rows"])
+    assert [r["plan"] for r in swept["rows"]] == [True, False]
+    # The plan's device batch is measured even when the sizes asked for leave it out.
+    planned = model_cost.sweep(model, Setup(device_batch=96), images, [32, 64], repeats=1)
+    assert [(r["device_batch"], r["plan"]) for r in planned["rows"]] == [
+        (32, False), (64, False), (96, True)]
+    assert "      96" in format_report({"sweep": planned}).split("the plan's")[0].splitlines()[-1]
     p = model_cost.precision(model, Setup(), images, unique=64, repeats=1)
     assert p["compared"] == 64 and p["agreement"] >= 0.9
     assert "bfloat16 vs float32" in format_report({"precision": p, "sweep": swept})

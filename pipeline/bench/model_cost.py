@@ -54,7 +54,10 @@ def cost(model, setup: Setup, images: np.ndarray, repeats: int) -> dict:
 
 
 def sweep(model, setup: Setup, images: np.ndarray, sizes: list[int], repeats: int) -> dict:
-    """images/s per device batch; ``images`` is tiled to at least 4 of the largest batch."""
+    """images/s per device batch, the plan's (``setup.device_batch``) among them whether
+    asked for or not: a sweep that leaves out what the runs use cannot say whether it is
+    right. ``images`` is tiled to at least 4 of the largest batch."""
+    sizes = sorted({*sizes, setup.device_batch})
     images = tiled(images, max(len(images), 4 * max(sizes)))
     rows = []
     for size in sizes:
@@ -62,7 +65,8 @@ def sweep(model, setup: Setup, images: np.ndarray, sizes: list[int], repeats: in
         per_second = rate(executor, images, repeats)
         rows.append({"device_batch": size, "images_per_second": per_second,
                      "ms_per_image": 1000 / per_second, "compilations": executor.compilations,
-                     "compile_seconds": executor.compile_seconds})
+                     "compile_seconds": executor.compile_seconds,
+                     "plan": size == setup.device_batch})
     best = max(r["images_per_second"] for r in rows)
     # Where it stops growing: the smallest batch within 5% of the best.
     saturates = next(r["device_batch"] for r in rows if r["images_per_second"] >= 0.95 * best)

@@ -67,7 +67,7 @@ def _sweep(sweep: dict | None) -> list[str]:
              "each size compiled once)", f"  {'batch':>7}{'images/s':>12}{'ms/image':>11}"]
     for row in sweep["rows"]:
         lines.append(f"  {row['device_batch']:>7}{row['images_per_second']:>12,.0f}"
-                     f"{row['ms_per_image']:>11.4f}")
+                     f"{row['ms_per_image']:>11.4f}" + ("  the plan's" if row.get("plan") else ""))
     lines.append(f"  within 5% of the best from device batch {sweep['saturates_at']}")
     return lines
 
