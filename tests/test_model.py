@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,23 +140,54 @@ def test_bfloat16_compute_keeps_float32_io_and_agrees(model):
     np.testing.assert_allclose(bf16, f32, atol=0.1)
 
 
-def test_a_local_models_version_is_compared_on_its_own_machine_only(tmp_path):
+def test_a_local_models_version_is_its_times_on_its_machine_and_its_bytes_elsewhere(
+        tmp_path, monkeypatch):
     """An actor on the driver's machine refuses weights rewritten since the driver loaded
-    them; one on another machine does not compare (its copy has times of its own)."""
+    them (their times changed). One on another machine holds a copy with times of its own:
+    it compares the bytes, so a stale copy (a fine-tuned checkpoint's previous version: same
+    names, same sizes) is refused instead of writing rows under the driver's fingerprint."""
     import os
 
     from pipeline import model_files
 
+    monkeypatch.setattr(model_files, "DIGESTS", tmp_path / "digests")
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"weights")
-    path, version = str(weights), model_files.local_version(str(weights))  # the driver's
-    assert version and model_files.resolve(path) == (path, "")  # nothing to compare with
-    assert model_files.resolve(str(weights), expect=version) == (path, version)
+    path, version = str(weights), model_files.local_version(str(weights))
+    content = model_files.content_digest(path, version)
+    driver = f"{version} {content}"  # what the driver's load_model hands its actors
+    assert version and content and model_files.resolve(path) == (path, "")
+    assert model_files.resolve(path, expect=driver) == (path, version)
+    assert len(list((tmp_path / "digests").iterdir())) == 1  # read once per version
+    files = version.split(" ", 1)[1]
+    assert model_files.resolve(path, expect=f"another-host/boot {files} {content}")[0] == path
+    with pytest.raises(ModelError, match="not the bytes the run's driver loaded"):
+        model_files.resolve(path, expect=f"another-host/boot {files} {'0' * 24}")
     st = os.stat(weights)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(ModelError, match="changed after this run started"):
-        model_files.resolve(str(weights), expect=version)
-    elsewhere = f"another-host/boot {version.split(' ', 1)[1]}"
-    assert model_files.resolve(str(weights), expect=elsewhere)[0] == path
+        model_files.resolve(path, expect=driver)
+    # Another machine's copy of the same bytes, other times: the same digest.
+    copy = tmp_path / "copy" / "weights.bin"
+    copy.parent.mkdir()
+    copy.write_bytes(b"weights")
+    assert model_files.content_digest(str(copy), model_files.local_version(str(copy))) == content
+    weights.write_bytes(b"weighTs")  # same name, same size
+    assert model_files.content_digest(path, model_files.local_version(path)) != content
     assert model_files.resolve(None) == (None, "")
     assert model_files.resolve(str(tmp_path / "nothing")) == (str(tmp_path / "nothing"), "")
+    assert model_files.resolve(str(tmp_path / "nothing"), expect=driver)[1] == ""
+
+
+def test_the_driver_hands_its_actors_the_bytes_of_a_local_model(tmp_path, monkeypatch):
+    from pipeline import model_files
+    from pipeline.models import digits_cnn
+
+    monkeypatch.setattr(model_files, "DIGESTS", tmp_path / "digests")
+    folder = tmp_path / "model"
+    shutil.copytree(Path(digits_cnn.__file__).parent, folder)
+    model = load_model(str(folder))
+    machine, files, content = model.weights.split(" ")
+    assert f"{machine} {files}" == model_files.local_version(str(folder))
+    assert content == model_files.content_digest(str(folder), f"{machine} {files}")
+    assert load_model(str(folder), weights=model.weights).weights == f"{machine} {files}"
