@@ -10,8 +10,9 @@ where KEY digests the URI and each object's size and modification time, so a cha
 is fetched again and an unchanged one never is. Processes on one machine (a node's actors)
 take a lock (one per cache), so one of them downloads while the others wait and reuse its
 copy; a download goes to a temporary folder renamed into place when complete, so a killed
-download leaves no half-copied weights (the next download removes its folder). Nothing else is
-ever evicted: delete the folder to reclaim the space.
+download leaves no half-copied weights (the next download removes its folder). A new version's
+copy replaces the copies of the URI's earlier versions, which no run can use again; copies of
+other URIs stay until deleted.
 
 The driver loads the weights first and fingerprints them; an actor that starts later (a node
 added mid-run, a restart) must find the same version, or the run stops (:func:`resolve`'s
@@ -44,6 +45,7 @@ from pipeline.read import filesystem, is_uri
 from pipeline.spec import ModelError
 
 CACHE = Path.home() / ".cache" / "batch-infer" / "models"
+SOURCE = ".batch-infer-source"  # in a copy's folder, beside the copy: the URI it copies
 
 
 def local_path(model: str, cache: Path | None = None, expect: str | None = None) -> str:
@@ -87,7 +89,25 @@ def fetch(model: str, cache: Path | None = None, expect: str | None = None) -> t
                 for left in base.glob("*.partial-*"):  # a killed download's (we hold the lock)
                     shutil.rmtree(left, ignore_errors=True)
                 _download(fs, root, objects, single, base, target, name, model)
+                _evict_older(base, key, identity[0])
     return str(target / name), key
+
+
+def _evict_older(base: Path, key: str, uri: str) -> None:
+    """Remove the copies of ``uri``'s earlier versions (called under the cache's lock, once
+    ``key``'s copy is complete). No run can use one again: a run's actors load the version its
+    driver loaded, and one that finds the URI changed stops the run before fetching anything
+    (:func:`fetch`'s ``expect``). A model retrained nightly would otherwise add a copy a day
+    to each node's disk. Processes that loaded an old copy keep it in memory."""
+    for other in base.iterdir():
+        if other.name == key or not other.is_dir():
+            continue
+        try:
+            source = (other / SOURCE).read_text()
+        except OSError:  # another kind of folder, or a copy made before sources were kept
+            continue
+        if source == uri:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def resolve(model: str | None, expect: str | None = None) -> tuple[str | None, str]:
@@ -207,6 +227,7 @@ def _download(fs, root: str, objects, single: bool, base: Path, target: Path, na
             local.parent.mkdir(parents=True, exist_ok=True)
             with fs.open_input_stream(info.path) as src, open(local, "wb") as dst:
                 shutil.copyfileobj(src, dst, 16 * 2**20)
+        (partial / SOURCE).write_text(model.rstrip("/"))  # which URI: see _evict_older
         if target.exists():  # a copy someone emptied by hand
             shutil.rmtree(target)
         os.replace(partial, target)  # complete, or not there at all

@@ -434,3 +434,29 @@ def test_a_killed_downloads_folder_is_removed_by_the_next_download(s3, tmp_path)
     copy = model_files.local_path(f"s3://{BUCKET}/models/one.bin", cache=cache)
     assert Path(copy).read_bytes() == b"weights"
     assert not list(cache.glob("*.partial-*"))
+
+
+def test_a_new_version_of_a_model_replaces_the_copies_of_the_old(s3, tmp_path):
+    """A model retrained and uploaded again under one URI: each node's cache keeps the new
+    version's copy only (no run can load an old one again), and leaves other URIs' copies
+    and folders it did not make alone."""
+    from pathlib import Path
+
+    from pipeline import model_files
+
+    cache = tmp_path / "cache"
+    uri, other = f"s3://{BUCKET}/models/nightly.bin", f"s3://{BUCKET}/models/other.bin"
+    with s3.open_output_stream(f"{BUCKET}/models/other.bin") as out:
+        out.write(b"other")
+    kept = Path(model_files.local_path(other, cache=cache))
+    (cache / "by-hand").mkdir()
+    copies = []
+    for day in (b"monday", b"tuesday"):
+        with s3.open_output_stream(f"{BUCKET}/models/nightly.bin") as out:
+            out.write(day)
+        copies.append(Path(model_files.local_path(uri, cache=cache)))
+        assert copies[-1].read_bytes() == day  # another size: another version
+    assert copies[0].parent != copies[1].parent and not copies[0].parent.exists()
+    assert kept.read_bytes() == b"other" and (cache / "by-hand").is_dir()
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [".lock", "by-hand", kept.parent.name, copies[1].parent.name])
