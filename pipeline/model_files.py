@@ -115,7 +115,8 @@ def resolve(model: str | None, expect: str | None = None) -> tuple[str | None, s
     :func:`fetch`); a local path unchanged, with its :func:`local_version` when there is one
     to compare with. ``expect``: the version the run's driver loaded; another one is a
     ModelError (for a local path, only on the driver's machine: another machine may hold a
-    copy of its own, with other times). The driver takes a local path's version itself, after
+    copy of its own, with other times, whose bytes :func:`check_copy` compares once the
+    factory ran). The driver takes a local path's version itself, after
     its factory ran (see the module's docstring)."""
     if not model:
         return model, ""
@@ -127,13 +128,27 @@ def resolve(model: str | None, expect: str | None = None) -> tuple[str | None, s
     if not version:
         return model, version
     machine_here, files_here = version.split(" ", 1)
-    machine_there, files_there, *content = expect.split(" ")
-    if machine_here == machine_there:
-        if files_here != files_there:
-            raise _changed(model)
-    elif content and content[0] != (here := content_digest(model, version)) and here:
-        raise _differs(model)
+    machine_there, files_there = (expect.split(" ") + [""])[:2]
+    if machine_here == machine_there and files_here != files_there:
+        raise _changed(model)
     return model, version
+
+
+def check_copy(model: str | None, expect: str) -> None:
+    """On a machine other than the driver's, refuse a local ``model`` whose bytes are not
+    those the driver loaded (``expect``: the driver's :attr:`Model.weights`, whose third
+    part is their :func:`content_digest`). Called after the factory ran, as the driver took
+    its digest, so a factory that writes a converted copy beside its weights the first time
+    on each machine compares alike."""
+    if not model or is_uri(model):
+        return
+    version = local_version(model)
+    machine_there, _, *content = expect.split(" ") + [""]
+    if not version or not content[0] or version.split(" ", 1)[0] == machine_there:
+        return
+    here = content_digest(model, version)
+    if here and here != content[0]:
+        raise _differs(model)
 
 
 def local_version(path: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,11 +157,14 @@ def test_a_local_models_version_is_its_times_on_its_machine_and_its_bytes_elsewh
     driver = f"{version} {content}"  # what the driver's load_model hands its actors
     assert version and content and model_files.resolve(path) == (path, "")
     assert model_files.resolve(path, expect=driver) == (path, version)
+    model_files.check_copy(path, driver)  # the driver's own machine: times only
     assert len(list((tmp_path / "digests").iterdir())) == 1  # read once per version
     files = version.split(" ", 1)[1]
-    assert model_files.resolve(path, expect=f"another-host/boot {files} {content}")[0] == path
+    model_files.check_copy(path, f"another-host/boot {files} {content}")
     with pytest.raises(ModelError, match="not the bytes the run's driver loaded"):
-        model_files.resolve(path, expect=f"another-host/boot {files} {'0' * 24}")
+        model_files.check_copy(path, f"another-host/boot {files} {'0' * 24}")
+    # Times are compared on the driver's machine only: another's copy has times of its own.
+    assert model_files.resolve(path, expect=f"another-host/boot {'0' * 24} {content}")[0] == path
     st = os.stat(weights)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(ModelError, match="changed after this run started"):
@@ -180,14 +182,23 @@ def test_a_local_models_version_is_its_times_on_its_machine_and_its_bytes_elsewh
 
 
 def test_the_driver_hands_its_actors_the_bytes_of_a_local_model(tmp_path, monkeypatch):
+    """The driver's version of a local model carries a digest of its bytes; an actor on
+    another machine whose copy holds other bytes (same name, same size) is refused after its
+    factory ran, one on the driver's machine compares times."""
+    import poison_model
+
     from pipeline import model_files
-    from pipeline.models import digits_cnn
 
     monkeypatch.setattr(model_files, "DIGESTS", tmp_path / "digests")
-    folder = tmp_path / "model"
-    shutil.copytree(Path(digits_cnn.__file__).parent, folder)
-    model = load_model(str(folder))
+    options = poison_model.write_options(tmp_path / "model.json", delay=0.1)
+    model = load_model(options, "poison_model:build")
     machine, files, content = model.weights.split(" ")
-    assert f"{machine} {files}" == model_files.local_version(str(folder))
-    assert content == model_files.content_digest(str(folder), f"{machine} {files}")
-    assert load_model(str(folder), weights=model.weights).weights == f"{machine} {files}"
+    assert f"{machine} {files}" == model_files.local_version(options)
+    assert content == model_files.content_digest(options, f"{machine} {files}")
+    assert load_model(options, "poison_model:build",
+                      weights=model.weights).weights == f"{machine} {files}"
+    elsewhere = f"another-host/boot {'0' * 24} {content}"
+    assert load_model(options, "poison_model:build", weights=elsewhere).name == model.name
+    poison_model.write_options(tmp_path / "model.json", delay=0.2)  # same size, other bytes
+    with pytest.raises(ModelError, match="not the bytes the run's driver loaded"):
+        load_model(options, "poison_model:build", weights=elsewhere)
