@@ -179,6 +179,12 @@ def test_a_local_models_version_is_its_times_on_its_machine_and_its_bytes_elsewh
     assert model_files.resolve(None) == (None, "")
     assert model_files.resolve(str(tmp_path / "nothing")) == (str(tmp_path / "nothing"), "")
     assert model_files.resolve(str(tmp_path / "nothing"), expect=driver)[1] == ""
+    # A folder too big to read at each new version (every epoch's checkpoint) has no digest.
+    monkeypatch.setattr(model_files, "DIGEST_MAX_BYTES", 6)
+    big = tmp_path / "epochs" / "weights.bin"
+    big.parent.mkdir()
+    big.write_bytes(b"weights")
+    assert model_files.content_digest(str(big), model_files.local_version(str(big))) == ""
 
 
 def test_the_driver_hands_its_actors_the_bytes_of_a_local_model(tmp_path, monkeypatch):
