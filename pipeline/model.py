@@ -297,7 +297,7 @@ def load_model(path: str | os.PathLike | None = None, model_fn: str | None = Non
     the driver's :attr:`Model.weights`, refuses weights that changed since. Every failure is a
     :class:`ModelError` naming the factory.
     """
-    from pipeline.model_files import check_copy, content_digest, local_version, resolve
+    from pipeline.model_files import check_copy, local_version, resolve
     from pipeline.read import is_uri
 
     spec = model_fn or DEFAULT_MODEL_FN
@@ -326,8 +326,6 @@ def load_model(path: str | os.PathLike | None = None, model_fn: str | None = Non
         raise ModelError(f"Model factory '{spec}' returned a Model whose apply is not callable.")
     if weights is None and given and not is_uri(given):  # the driver: what its factory left
         key = local_version(given)
-        content = content_digest(given, key)  # for actors on other machines: bytes
-        key = f"{key} {content}" if content else key
     elif weights:  # an actor: on another machine, a copy of the same bytes
         check_copy(given, weights)
     model.factory, model.weights = spec, key

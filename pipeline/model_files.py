@@ -136,12 +136,21 @@ def resolve(model: str | None, expect: str | None = None) -> tuple[str | None, s
     return model, version
 
 
+def with_content(model: str | None, version: str) -> str:
+    """The driver's ``version`` of a local ``model``, with the :func:`content_digest` its
+    actors on other machines compare (:func:`check_copy`); unchanged for a URI (whose
+    version is already its objects')."""
+    if not model or is_uri(model) or not version:
+        return version
+    content = content_digest(model, version)
+    return f"{version} {content}" if content else version
+
+
 def check_copy(model: str | None, expect: str) -> None:
     """On a machine other than the driver's, refuse a local ``model`` whose bytes are not
-    those the driver loaded (``expect``: the driver's :attr:`Model.weights`, whose third
-    part is their :func:`content_digest`). Called after the factory ran, as the driver took
-    its digest, so a factory that writes a converted copy beside its weights the first time
-    on each machine compares alike."""
+    those the driver loaded (``expect``: the driver's version :func:`with_content`). Called
+    after the factory ran, as the driver took its digest, so a factory that writes a
+    converted copy beside its weights the first time on each machine compares alike."""
     if not model or is_uri(model):
         return
     version = local_version(model)

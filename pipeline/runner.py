@@ -28,7 +28,7 @@ from pipeline.listing import ListingFile
 from pipeline.machine import this_node
 from pipeline.manifest import prepare
 from pipeline.model import Model, ModelError, check_model, load_model
-from pipeline.plan import PlanError
+from pipeline.plan import Cluster, PlanError
 from pipeline.platforms import DeviceError, pin_to_cpu
 from pipeline.progress import Observer, Progress, Stats, Watch  # noqa: F401 (Progress: API)
 from pipeline.source import Source
@@ -136,6 +136,7 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
             observer.ray_starting()
             dataflow.ensure_ray(cfg.address, quiet=observer.quiet)
             cluster, plan = _plan(cfg, model, listing, source, flops, summary)
+            weights = _actor_weights(cfg, model, cluster)
             witnesses = Witnesses.of(cfg.input, cfg.output, listing, this_node())
             dataflow.check_nodes_see(witnesses, cluster)
             expected = None if source.sharded else listing.count - summary.rows_resumed
@@ -152,7 +153,7 @@ def run_config(cfg: RunConfig, observer: Observer | None = None) -> Summary:
             try:
                 if expected != 0:
                     records = dataflow.execute(cfg, plan, listing, committed, model.spec, source,
-                                               fingerprint, run_id, model.weights, witnesses)
+                                               fingerprint, run_id, weights, witnesses)
                     for batch in records:
                         _still_held(lock, cfg)
                         stats.add(batch, tally)
@@ -202,6 +203,19 @@ def _plan(cfg: RunConfig, model: Model, listing: ListingFile, source: Source, fl
     summary.nodes = [{"node_id": n.node_id, "node_ip": n.ip, "cpus": n.cpus, "gpus": n.gpus,
                       "memory_gb": round(n.memory / 1e9, 1)} for n in cluster.nodes]
     return cluster, plan
+
+
+def _actor_weights(cfg: RunConfig, model: Model, cluster: Cluster) -> str:
+    """The weights' version the actors must load: with a digest of a local model's bytes
+    where an actor may run on another machine (a node beside the driver's, or one an
+    autoscaler may add), whose copy of the path may be another version. A run on this
+    machine alone neither reads the weights again nor keeps a digest."""
+    here = this_node()
+    if cluster.autoscaling or any(n.node_id != here for n in cluster.nodes):
+        from pipeline.model_files import with_content
+
+        return with_content(cfg.model, model.weights)
+    return model.weights
 
 
 @contextlib.contextmanager

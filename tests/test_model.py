@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from conftest import COMPILES, digit_images
 
 from pipeline import digits
+from pipeline.config import RunConfig
 from pipeline.decode import decode_image
 from pipeline.device import Executor
 from pipeline.infer import Predictor
@@ -154,7 +156,8 @@ def test_a_local_models_version_is_its_times_on_its_machine_and_its_bytes_elsewh
     weights.write_bytes(b"weights")
     path, version = str(weights), model_files.local_version(str(weights))
     content = model_files.content_digest(path, version)
-    driver = f"{version} {content}"  # what the driver's load_model hands its actors
+    driver = model_files.with_content(path, version)  # what the driver hands its actors
+    assert driver == f"{version} {content}"
     assert version and content and model_files.resolve(path) == (path, "")
     assert model_files.resolve(path, expect=driver) == (path, version)
     model_files.check_copy(path, driver)  # the driver's own machine: times only
@@ -188,22 +191,31 @@ def test_a_local_models_version_is_its_times_on_its_machine_and_its_bytes_elsewh
 
 
 def test_the_driver_hands_its_actors_the_bytes_of_a_local_model(tmp_path, monkeypatch):
-    """The driver's version of a local model carries a digest of its bytes; an actor on
-    another machine whose copy holds other bytes (same name, same size) is refused after its
-    factory ran, one on the driver's machine compares times."""
+    """Where an actor may run on another machine, the driver's version of a local model
+    carries a digest of its bytes; an actor there whose copy holds other bytes (same name,
+    same size) is refused after its factory ran. A run on the driver's machine alone reads
+    nothing more."""
     import poison_model
 
     from pipeline import model_files
+    from pipeline.plan import Cluster, Node
+    from pipeline.runner import _actor_weights
 
     monkeypatch.setattr(model_files, "DIGESTS", tmp_path / "digests")
     options = poison_model.write_options(tmp_path / "model.json", delay=0.1)
     model = load_model(options, "poison_model:build")
-    machine, files, content = model.weights.split(" ")
-    assert f"{machine} {files}" == model_files.local_version(options)
-    assert content == model_files.content_digest(options, f"{machine} {files}")
-    assert load_model(options, "poison_model:build",
-                      weights=model.weights).weights == f"{machine} {files}"
-    elsewhere = f"another-host/boot {'0' * 24} {content}"
+    assert model.weights == model_files.local_version(options)
+    cfg = RunConfig(input="in", output="out", model=options, model_fn="poison_model:build")
+    alone = Cluster((Node("n1", "127.0.0.1", 2, 0, 1e9, True),))
+    monkeypatch.setattr("pipeline.runner.this_node", lambda: "n1")
+    assert _actor_weights(cfg, model, alone) == model.weights
+    assert not (tmp_path / "digests").exists()
+    for cluster in (Cluster((*alone.nodes, Node("n2", "10.0.0.2", 8, 1, 1e9, False))),
+                    Cluster(alone.nodes, max_cpus=math.inf, max_gpus=math.inf)):
+        driver = _actor_weights(cfg, model, cluster)
+        assert driver == f"{model.weights} {model_files.content_digest(options, model.weights)}"
+    assert load_model(options, "poison_model:build", weights=driver).weights == model.weights
+    elsewhere = f"another-host/boot {'0' * 24} {driver.split()[-1]}"
     assert load_model(options, "poison_model:build", weights=elsewhere).name == model.name
     poison_model.write_options(tmp_path / "model.json", delay=0.2)  # same size, other bytes
     with pytest.raises(ModelError, match="not the bytes the run's driver loaded"):
