@@ -18,9 +18,9 @@ The driver loads the weights first and fingerprints them; an actor that starts l
 added mid-run, a restart) must find the same version, or the run stops (:func:`resolve`'s
 ``expect``): rows of weights replaced mid-run would otherwise carry the first fingerprint. A
 URI's version is its KEY; a local path's is its files' names, sizes and modification times,
-compared on the driver's machine, and a digest of their bytes, compared on the others, which
-may each hold a copy of their own (times differ between copies, and a stale copy of a
-fine-tuned checkpoint has the same names and sizes). The driver takes a local version after
+compared on the driver's machine, and, where the run has other machines, a digest of their
+bytes, compared on those, which may each hold a copy of their own (times differ between
+copies, and a stale copy of a fine-tuned checkpoint has the same names and sizes). The driver takes a local version after
 its factory ran, so a factory that writes a converted copy beside its weights the first time
 does not count as a change.
 
@@ -118,8 +118,8 @@ def resolve(model: str | None, expect: str | None = None) -> tuple[str | None, s
     to compare with. ``expect``: the version the run's driver loaded; another one is a
     ModelError (for a local path, only on the driver's machine: another machine may hold a
     copy of its own, with other times, whose bytes :func:`check_copy` compares once the
-    factory ran). The driver takes a local path's version itself, after
-    its factory ran (see the module's docstring)."""
+    factory ran). The driver takes a local path's version itself, after its factory ran (see
+    the module's docstring)."""
     if not model:
         return model, ""
     if is_uri(model):
@@ -154,11 +154,11 @@ def check_copy(model: str | None, expect: str) -> None:
     if not model or is_uri(model):
         return
     version = local_version(model)
-    machine_there, _, *content = expect.split(" ") + [""]
-    if not version or not content[0] or version.split(" ", 1)[0] == machine_there:
+    machine_there, _, content = (expect.split(" ") + ["", ""])[:3]
+    if not version or not content or version.split(" ", 1)[0] == machine_there:
         return
     here = content_digest(model, version)
-    if here and here != content[0]:
+    if here and here != content:
         raise _differs(model)
 
 
