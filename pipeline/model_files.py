@@ -20,9 +20,9 @@ added mid-run, a restart) must find the same version, or the run stops (:func:`r
 URI's version is its KEY; a local path's is its files' names, sizes and modification times,
 compared on the driver's machine, and, where the run has other machines, a digest of their
 bytes, compared on those, which may each hold a copy of their own (times differ between
-copies, and a stale copy of a fine-tuned checkpoint has the same names and sizes). The driver takes a local version after
-its factory ran, so a factory that writes a converted copy beside its weights the first time
-does not count as a change.
+copies, and a stale copy of a fine-tuned checkpoint has the same names and sizes). The
+driver takes a local version after its factory ran, so a factory that writes a converted copy
+beside its weights the first time does not count as a change.
 
 Credentials and endpoint come from the environment, as for inputs and outputs
 (:func:`pipeline.read.filesystem`); the pipeline hands its actors the driver's settings.

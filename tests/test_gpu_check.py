@@ -147,6 +147,7 @@ def test_node_script_keeps_each_report(tmp_path):
     assert 0 <= result["precision"]["agreement"] <= 1
     run = result["pipeline_run"]
     assert run["images"] == 24 and run["errors"] == 0 and run["fraction_of_limit"] > 0
+    assert f"first result at {run['first_result_seconds']:.1f} s of {run['seconds']:.1f}" in printed
     assert result["limits"]["limit_images_per_second"] > run["images_per_second"]
 
     refused = subprocess.run(["bash", str(script), str(tmp_path / "other")],

@@ -54,7 +54,8 @@ def gpu_check(*, quick: bool = False, work: str | None = None, model_fn: str | N
     inputs = result.pop("_inputs")
     result = {"gpu": result["devices"]["gpu"], "quick": quick, "sizes": sizes,
               "nvidia_smi": nvidia_smi(), **result}
-    result["pytest"] = gpu_tests() if run_tests else {"ran": False, "reason": "left out (--skip-tests)"}
+    result["pytest"] = (gpu_tests() if run_tests
+                        else {"ran": False, "reason": "left out (--skip-tests)"})
     result.update(section(setup, "pipeline.bench.model_cost:device_section",
                           setup=setup.to_json(), inputs=inputs, count=sizes["model_images"],
                           repeats=sizes["repeats"], seed_images=sizes["seed_images"],
@@ -118,6 +119,17 @@ def gpu_tests(timeout: float = PYTEST_TIMEOUT) -> dict[str, Any]:
             "summary": summary.strip("= "), "tail": lines[-15:] + proc.stderr.splitlines()[-5:]}
 
 
+def _first_result(run: dict) -> str:
+    """When the run's first result came: on a GPU node the start (the actor's CUDA start and
+    compile) was 4-7 s of 4,000 photos' 4-5.5 s (an H200), so the rate says little there."""
+    first = run.get("first_result_seconds")
+    if first is None:
+        return ""
+    hint = (": start-up is much of this run, --photos N makes a longer one"
+            if first >= 0.25 * run["seconds"] else "")
+    return f"; first result at {first:.1f} s of {run['seconds']:.1f}{hint}"
+
+
 def failures(result: dict) -> list[str]:
     """What went wrong, in words (an empty list: every check passed)."""
     out = []
@@ -159,7 +171,8 @@ def format_check(result: dict) -> str:
             f"(Ray start-up apart: init {run['init_seconds']:.1f} s, data actors "
             f"{run['data_start_seconds']:.1f} s) = {run['ratio_vs_bare_model']:.3f}x the bare "
             f"model's {run['bare_model_images_per_second']:,.0f} images/s, "
-            f"{run['fraction_of_limit']:.0%} of the limit; {run.get('errors', 0)} error rows",
+            f"{run['fraction_of_limit']:.0%} of the limit; {run.get('errors', 0)} error rows"
+            + _first_result(run),
             "RESULT: " + ("ok" if result["ok"] else "FAILED: " + "; ".join(result["failures"]))
             + ("" if result["gpu"] else " (no GPU: the CPU-safe part only)")]
     return "\n\n".join(["\n".join(lines), format_report(result), "\n".join(tail)])
