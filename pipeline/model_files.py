@@ -129,8 +129,8 @@ def resolve(model: str | None, expect: str | None = None) -> tuple[str | None, s
     version = local_version(model)
     if not version:
         return model, version
-    machine_here, files_here = version.split(" ", 1)
-    machine_there, files_there = (expect.split(" ") + [""])[:2]
+    machine_here, files_here, _ = _parts(version)
+    machine_there, files_there, _ = _parts(expect)
     if machine_here == machine_there and files_here != files_there:
         raise _changed(model)
     return model, version
@@ -154,8 +154,8 @@ def check_copy(model: str | None, expect: str) -> None:
     if not model or is_uri(model):
         return
     version = local_version(model)
-    machine_there, _, content = (expect.split(" ") + ["", ""])[:3]
-    if not version or not content or version.split(" ", 1)[0] == machine_there:
+    machine_there, _, content = _parts(expect)
+    if not version or not content or _parts(version)[0] == machine_there:
         return
     here = content_digest(model, version)
     if here and here != content:
@@ -166,25 +166,37 @@ def local_version(path: str) -> str:
     """'MACHINE DIGEST': this machine, and a digest of the names, sizes and modification times
     of the files at ``path``; '' for nothing there, or for more than :data:`MAX_FILES` files
     (not a checkpoint: not worth the walk)."""
-    found = []
-    if os.path.isfile(path):
-        st = os.stat(path)
-        found.append(("", st.st_size, st.st_mtime_ns))
-    else:
-        for folder, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in sorted(files):
-                full = os.path.join(folder, name)
-                try:
-                    st = os.stat(full)
-                except OSError:
-                    continue
-                found.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
-                if len(found) > MAX_FILES:
-                    return ""
+    found = [(name, st.st_size, st.st_mtime_ns) for name, _, st in _files(path)]
     if not found:
         return ""
     return f"{machine.identity('mnt')} {hashlib.sha256(json.dumps(found).encode()).hexdigest()[:24]}"
+
+
+def _files(path: str) -> list[tuple[str, str, os.stat_result]]:
+    """(name under ``path``, full path, stat) of each file at ``path`` in a stable order ('' as
+    the name of ``path`` itself when it is a file); none for more than :data:`MAX_FILES`."""
+    if os.path.isfile(path):
+        return [("", path, os.stat(path))]
+    found = []
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            found.append((os.path.relpath(full, path), full, st))
+            if len(found) > MAX_FILES:
+                return []
+    return found
+
+
+def _parts(version: str) -> tuple[str, str, str]:
+    """(machine, digest of the files' times, digest of their bytes) of a local version, as
+    :func:`local_version` and :func:`with_content` write it; '' for a part it lacks."""
+    machine_id, files, content = (version.split(" ") + ["", ""])[:3]
+    return machine_id, files, content
 
 
 MAX_FILES = 10_000
@@ -209,15 +221,14 @@ def content_digest(path: str, version: str) -> str:
     except OSError:
         pass
     digest = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
     try:
-        if sum(os.path.getsize(full) for full in files) > DIGEST_MAX_BYTES:
+        files = _files(path)  # local_version's walk: its order, its sizes
+        if sum(st.st_size for _, _, st in files) > DIGEST_MAX_BYTES:
             log.info("Not comparing the bytes of '%s' between machines: over %d GB there (a "
                      "folder of many checkpoints?)", path, DIGEST_MAX_BYTES >> 30)
             return ""
-        for full in files:
-            digest.update(f"{os.path.relpath(full, path)} {os.path.getsize(full)}\n".encode())
+        for name, full, st in files:
+            digest.update(f"{name} {st.st_size}\n".encode())
             with open(full, "rb") as f:
                 while chunk := f.read(8 * 2**20):
                     digest.update(chunk)
